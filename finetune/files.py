@@ -1,0 +1,76 @@
+"""Outputs that appear whole or not at all, and locks for work shared between processes."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def home_dir() -> Path:
+    """Where converted models and processed data are cached: $FINETUNE_HOME, else ~/.cache/finetune."""
+    return Path(os.environ.get("FINETUNE_HOME") or Path.home() / ".cache" / "finetune")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a file atomically: a temp file in the same folder, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, data) -> None:
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path):
+    """An exclusive lock held while the block runs, across processes (e.g. the ranks of one launch)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def staged_dir(target: str | Path, replace: bool = False):
+    """Build a folder under a temporary name beside `target`; rename it into place when the block ends.
+
+    If the block raises (or the process dies), `target` is untouched and the temporary folder is removed
+    (or left under a dot-name that is never mistaken for a result). With `replace`, an existing target is
+    swapped out only after the new folder is complete.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        if not replace:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(target)
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)

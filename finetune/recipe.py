@@ -1,0 +1,428 @@
+"""The recipe schema: one strict set of typed dataclasses.
+
+A recipe is a YAML file with the sections `model`, `quantization`, `adapter`, `data`, `train` and the
+top-level keys `output_dir`, `overwrite` and `seed`. Every key is checked when the recipe is loaded:
+unknown keys name the closest valid key, values are converted to the field's type (YAML reads `3e-4`
+as a string), enums and ranges are checked, contradictions are refused. Keys under `train` are the
+fields of the stage's TRL config (`trl.SFTConfig` for `stage: sft`), checked the same way.
+
+Command-line overrides use dotted keys: `adapter.r=32 train.max_steps=2 output_dir=runs/x`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune.errors import FinetuneError
+
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+def _f(default, help, choices=None, minimum=None, maximum=None):
+    """A dataclass field with help text and optional checks (lists get a fresh copy per instance)."""
+    meta = {"help": help, "choices": choices, "min": minimum, "max": maximum}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("embedded:smollm2-135m", "Base model: a local HF folder, a hub id, or embedded:smollm2-135m.")
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) when `name` is a hub id.")
+    dtype: str = _f("auto", "Dtype of the frozen base weights; auto = bf16 where the hardware has it, else fp32.", DTYPES)
+    attn_implementation: str = _f("sdpa", "Attention kernel.", ("sdpa", "eager", "flash_attention_2"))
+    trust_remote_code: bool = _f(False, "Run Python code shipped with a hub model. Off unless you trust it.")
+
+
+@dataclass
+class QuantizationConfig:
+    bits: int | None = _f(None, "Load the base in 4 or 8 bits with bitsandbytes (QLoRA); null = no quantization.", (None, 4, 8))
+    quant_type: str = _f("nf4", "4-bit data type.", ("nf4", "fp4"))
+    double_quant: bool = _f(True, "Quantize the 4-bit scales too (saves ~0.4 bit per weight).")
+    compute_dtype: str = _f("auto", "Dtype the 4-bit matmuls compute in; auto follows model.dtype.", DTYPES)
+
+
+@dataclass
+class AdapterConfig:
+    type: str = _f("lora", "lora trains low-rank adapters; none trains every weight (full fine-tuning).", ("lora", "none"))
+    r: int = _f(16, "LoRA rank.", minimum=1)
+    alpha: int = _f(32, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with use_rslora).", minimum=1)
+    dropout: float = _f(0.05, "Dropout on the LoRA input.", minimum=0.0, maximum=1.0)
+    target_modules: list[str] = _f(["all-linear"], "Modules to adapt: names, or all-linear for every linear layer but the head.")
+    use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = _f(False, "Rank-stabilised scaling alpha/sqrt(r).")
+    modules_to_save: list[str] = _f([], "Modules trained in full and saved with the adapter (e.g. lm_head, embed_tokens).")
+    dtype: str = _f("fp32", "Dtype of the adapter weights (and so of their optimizer state).", ("fp32", "bf16"))
+
+
+@dataclass
+class DatasetRef:
+    name: str = _f("", "A datasets_cfg/ name, a path to a dataset YAML, or a data file (.jsonl/.json/.csv/.parquet).")
+    split: str = _f("train", "Which split of the dataset YAML to read.")
+    weight: float = _f(1.0, "Mixture weight: keeps round(weight * rows) rows, repeating rows when above 1.", minimum=0.0)
+    max_rows: int | None = _f(None, "Read at most this many rows (before weighting).", minimum=1)
+
+
+@dataclass
+class DataConfig:
+    datasets: list[DatasetRef] = _f([], "Training datasets.")
+    eval_datasets: list[DatasetRef] = _f([], "Held-out datasets for eval loss and the overlap check.")
+    chat_template: str = _f("auto", "Training chat template: auto (from the model), smollm2, chatml, qwen2_5, llama3, or a .jinja path.")
+    max_length: int = _f(512, "Tokens per sequence (per packed row when packing).", minimum=8)
+    packing: bool = _f(True, "Pack several rows per sequence, kept apart by position ids (exact, no cross-attention).")
+    assistant_only_loss: bool = _f(True, "Train only on assistant tokens and their end-of-turn tokens.")
+    strict: bool = _f(True, "Stop at the first malformed row; false skips them (counted per reason).")
+    max_drop_fraction: float = _f(0.01, "In lenient mode, fail when more than this share of rows is dropped.", minimum=0.0, maximum=1.0)
+    cache_dir: str | None = _f(None, "Processed-data cache; default $FINETUNE_CACHE/data or ~/.cache/finetune/data.")
+
+
+@dataclass
+class TrainConfig:
+    stage: str = _f("sft", "Training stage.", ("sft",))
+    resume: bool = _f(False, "Continue from the last checkpoint in output_dir.")
+    # Everything else under `train` is a field of the stage's TRL config, kept here after checking.
+    args: dict[str, Any] = _f({}, "Arguments of the stage's TRL config.")
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = _f("", "Run directory. Refused if it exists, unless train.resume or overwrite.")
+    overwrite: bool = _f(False, "Replace an existing output_dir.")
+    seed: int = _f(42, "Seed for data order, adapter init and training.")
+    source: str = field(default="<recipe>", metadata={"internal": True})
+
+    def to_dict(self) -> dict:
+        """The resolved recipe as plain data (what run.json stores and `train` prints)."""
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        args = out["train"].pop("args")
+        out["train"].update(args)
+        return out
+
+
+# The TRL config class of each stage. Keys under `train` are checked against its fields.
+def stage_config_class(stage: str):
+    from trl import SFTConfig
+
+    return {"sft": SFTConfig}[stage]
+
+
+# Keys of the TRL config that the recipe sets elsewhere, so there is one place for each setting.
+_OWNED_ELSEWHERE = {
+    "output_dir": "output_dir (top level)",
+    "seed": "seed (top level)",
+    "max_length": "data.max_length",
+    "packing": "data.packing",
+    "assistant_only_loss": "data.assistant_only_loss",
+    "resume_from_checkpoint": "train.resume",
+    "chat_template_path": "data.chat_template",
+    "model_init_kwargs": "the model section",
+    "trust_remote_code": "model.trust_remote_code",
+}
+
+# Our defaults for the TRL config, where TRL's own do not fit a LoRA run on a small machine.
+TRAIN_DEFAULTS = {
+    "learning_rate": 2e-4,
+    "num_train_epochs": 1.0,
+    "per_device_train_batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.05,
+    "logging_steps": 1,
+    "save_strategy": "steps",
+    "save_steps": 100,
+    "save_total_limit": 2,
+    # Recomputing activations costs ~30% more time; a LoRA on a small model fits in memory without it.
+    "gradient_checkpointing": False,
+    "report_to": "none",
+    "dataloader_num_workers": 0,
+}
+
+
+# ----------------------------------------------------------------------------- value conversion
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type):
+        if issubclass(tp, enum.Enum):
+            return "one of " + ", ".join(str(m.value) for m in tp)
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _convert(value, tp):
+    """Convert a YAML / command-line value to the annotated type, or raise _Invalid."""
+    if isinstance(tp, str):  # postponed annotation
+        tp = eval(tp, {**typing.__dict__, **globals()})  # noqa: S307 - our own annotations only
+    origin = typing.get_origin(tp)
+    if tp is Any or tp is object:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise _Invalid("null is not allowed")
+        # Prefer an exact type match (so 5 stays an int in `int | str`), then conversions in order.
+        for option in options:
+            if isinstance(option, type) and not issubclass(option, enum.Enum) and type(value) is option:
+                return value
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option)
+            except _Invalid:
+                continue
+        raise _Invalid(f"expected {' or '.join(_type_name(o) for o in options)}")
+    if value is None:
+        raise _Invalid("null is not allowed")
+    if origin in (list, tuple):
+        (item_type, *_) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise _Invalid("expected a list")
+        return [_convert(v, item_type) for v in value]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise _Invalid("expected a mapping")
+        return value
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        allowed = [m.value for m in tp]
+        if value in allowed:
+            return value
+        raise _Invalid(f"expected one of {', '.join(map(str, allowed))}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise _Invalid("expected true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise _Invalid("expected an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise _Invalid("expected an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise _Invalid("expected a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _Invalid("expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _Invalid("expected a string")
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        raise _Invalid("expected a mapping")
+    return value
+
+
+# ----------------------------------------------------------------------------- strict building
+
+
+def _unknown_key(source: str, key: str, valid: list[str]) -> FinetuneError:
+    section, _, leaf = key.rpartition(".")
+    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
+    hint = f"did you mean '{(section + '.') if section else ''}{close[0]}'?" if close else (
+        "valid keys here: " + ", ".join(sorted(valid))
+    )
+    return FinetuneError(f"{source}: unknown key '{key}'; {hint}")
+
+
+def _bad_value(source: str, key: str, value, why: str) -> FinetuneError:
+    return FinetuneError(f"{source}: {key} = {value!r} is invalid: {why}")
+
+
+def _build(cls, data, prefix: str, source: str):
+    """Build dataclass `cls` from a mapping, checking every key, type, enum and range."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise _bad_value(source, prefix or "recipe", data, "expected a mapping of keys")
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields or (cls is TrainConfig and key == "args"):
+            raise _unknown_key(source, dotted, [k for k in fields if not (cls is TrainConfig and k == "args")])
+        tp = hints[key]
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list and typing.get_args(tp) else None
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, dotted, source)
+        elif item is not None and dataclasses.is_dataclass(item):
+            if not isinstance(value, list):
+                raise _bad_value(source, dotted, value, "expected a list")
+            kwargs[key] = [
+                _build(item, {"name": v} if isinstance(v, str) else v, f"{dotted}[{i}]", source)
+                for i, v in enumerate(value)
+            ]
+        else:
+            try:
+                kwargs[key] = _convert(value, tp)
+            except _Invalid as e:
+                raise _bad_value(source, dotted, value, str(e)) from None
+            _check_field(fields[key], kwargs[key], dotted, source)
+    return cls(**kwargs)
+
+
+def _check_field(f: dataclasses.Field, value, key: str, source: str):
+    meta = f.metadata
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        allowed = ", ".join("null" if c is None else str(c) for c in meta["choices"])
+        raise _bad_value(source, key, value, f"allowed: {allowed}")
+    if meta.get("min") is not None and value is not None and value < meta["min"]:
+        raise _bad_value(source, key, value, f"must be >= {meta['min']}")
+    if meta.get("max") is not None and value is not None and value > meta["max"]:
+        raise _bad_value(source, key, value, f"must be <= {meta['max']}")
+
+
+def _build_train(data, source: str) -> TrainConfig:
+    """`train`: our keys (stage, resume) plus fields of the stage's TRL config."""
+    data = dict(data or {})
+    if not isinstance(data, dict):
+        raise _bad_value(source, "train", data, "expected a mapping of keys")
+    own = _build(TrainConfig, {k: data.pop(k) for k in ("stage", "resume") if k in data}, "train", source)
+    config_cls = stage_config_class(own.stage)
+    fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
+    hints = typing.get_type_hints(config_cls)
+    args = dict(TRAIN_DEFAULTS)
+    for key, value in data.items():
+        if key in _OWNED_ELSEWHERE:
+            raise FinetuneError(f"{source}: train.{key} is set by {_OWNED_ELSEWHERE[key]}; move it there")
+        if key not in fields:
+            raise _unknown_key(source, f"train.{key}", [*fields, "stage", "resume"])
+        try:
+            args[key] = _convert(value, hints[key])
+        except _Invalid as e:
+            raise _bad_value(source, f"train.{key}", value, str(e)) from None
+    own.args = args
+    return own
+
+
+def _check_recipe(r: Recipe) -> None:
+    """Cross-field checks: settings that each parse but contradict one another."""
+    src = r.source
+    if not r.output_dir:
+        raise FinetuneError(f"{src}: output_dir is missing; set it in the recipe or as output_dir=runs/NAME")
+    if not r.data.datasets:
+        raise FinetuneError(f"{src}: data.datasets is empty; name at least one dataset (see datasets_cfg/)")
+    for i, ref in enumerate([*r.data.datasets, *r.data.eval_datasets]):
+        if not ref.name:
+            raise FinetuneError(f"{src}: a dataset entry ({i}) has no name")
+    if r.quantization.bits and r.adapter.type == "none":
+        raise FinetuneError(
+            f"{src}: quantization.bits = {r.quantization.bits} with adapter.type = none: quantized weights "
+            "cannot be trained directly; use adapter.type: lora (QLoRA) or quantization.bits: null"
+        )
+    if r.adapter.use_dora and r.quantization.bits == 8:
+        raise FinetuneError(f"{src}: adapter.use_dora with quantization.bits = 8 is not supported by peft; use 4 bits")
+    if r.model.dtype == "fp16" and r.train.args.get("bf16"):
+        raise FinetuneError(f"{src}: model.dtype = fp16 with train.bf16 = true; pick one precision")
+    if r.train.resume and r.overwrite:
+        raise FinetuneError(f"{src}: train.resume and overwrite are both true; resume keeps output_dir, overwrite deletes it")
+    args = r.train.args
+    if args.get("max_steps", -1) == 0:
+        raise FinetuneError(f"{src}: train.max_steps = 0 trains nothing; use -1 for whole epochs or a positive count")
+    strategy = args.get("packing_strategy", "bfd")
+    if r.data.packing and strategy == "wrapped":
+        raise FinetuneError(
+            f"{src}: train.packing_strategy = wrapped lets one row attend to the end of another; "
+            "use bfd (default) or bfd_split"
+        )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def parse_overrides(pairs: list[str], source: str = "command line") -> dict:
+    """`a.b=1 c=x` -> nested dict {'a': {'b': 1}, 'c': 'x'} (values parsed as YAML scalars/lists)."""
+    out: dict = {}
+    for pair in pairs:
+        key, eq, raw = pair.partition("=")
+        if not eq or not key:
+            raise FinetuneError(f"{source}: override '{pair}' is not key=value (e.g. adapter.r=32)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise FinetuneError(f"{source}: override '{pair}' conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise FinetuneError(f"{source}: a recipe is a mapping of sections (model, adapter, data, train, ...)")
+    data = dict(data)
+    train = _build_train(data.pop("train", None), source)
+    recipe = _build(Recipe, data, "", source)
+    recipe.train = train
+    recipe.source = source
+    _check_recipe(recipe)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise FinetuneError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise FinetuneError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise FinetuneError(f"{path}: a recipe is a mapping of sections (model, adapter, data, train, ...)")
+    if overrides:
+        data = _merge(data, parse_overrides(list(overrides)))
+    return recipe_from_dict(data, str(path))

@@ -1,0 +1,197 @@
+"""The run directory: what a training run leaves behind, and what later commands read.
+
+    RUN_DIR/
+      run.json          resolved recipe, package versions, dataset hashes, git commit, world size, status
+      metrics.jsonl     one JSON line per log step (loss, learning rate, eval loss, ...)
+      loss_curve.png    train and held-out loss against steps
+      adapter/          the trained adapter (safetensors) and the tokenizer with the inference template
+      checkpoints/      checkpoints for train.resume (transformers' format)
+
+Only the main process writes. Secrets (HF_TOKEN, W&B keys, ...) are redacted from everything written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from finetune.errors import FinetuneError
+from finetune.files import write_json
+
+SECRET_ENV = (
+    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN", "COMET_API_KEY", "NEPTUNE_API_TOKEN", "OPENAI_API_KEY",
+)
+SECRET_KEY_PARTS = ("token", "secret", "password", "api_key", "apikey")
+PACKAGES = ("finetune", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "safetensors")
+
+
+def redact(obj):
+    """Replace secret values: any string holding a secret env var's value, and values of secret-looking keys."""
+    secrets = [os.environ[k] for k in SECRET_ENV if len(os.environ.get(k, "")) >= 4]
+    if isinstance(obj, dict):
+        return {
+            k: ("<redacted>" if any(p in str(k).lower() for p in SECRET_KEY_PARTS) and v not in (None, "", False)
+                and not isinstance(v, (bool, int, float)) else redact(v))
+            for k, v in obj.items()
+        }
+    if isinstance(obj, (list, tuple)):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        for s in secrets:
+            obj = obj.replace(s, "<redacted>")
+    return obj
+
+
+def package_versions() -> dict:
+    out = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        repo = Path(__file__).resolve().parents[1]
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (out.stdout.strip() + ("+dirty" if dirty else "")) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def check_output_dir(path: Path, resume: bool, overwrite: bool, source: str) -> None:
+    """An existing output_dir is refused unless the recipe resumes it or says to overwrite it."""
+    if not path.exists() or not any(path.iterdir()):
+        if resume:
+            raise FinetuneError(f"{source}: train.resume is true but {path} holds no run to resume")
+        return
+    if resume:
+        if not any((path / "checkpoints").glob("checkpoint-*")):
+            raise FinetuneError(f"{source}: train.resume is true but {path}/checkpoints holds no checkpoint")
+        return
+    if not overwrite:
+        raise FinetuneError(
+            f"{source}: output_dir {path} already exists; pick another output_dir, resume it with "
+            "train.resume=true, or replace it with overwrite=true"
+        )
+
+
+def clear_output_dir(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """run.json of a run directory, for later commands (export, compare)."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise FinetuneError(f"{run_dir} is not a run directory: no run.json (train writes one)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise FinetuneError(f"{path}: not valid JSON ({e}); the run directory is damaged") from None
+
+
+class RunRecord:
+    """run.json, written atomically by the main process at start, on every status change and at the end."""
+
+    def __init__(self, run_dir: Path, is_main: bool, fields: dict):
+        self.path = Path(run_dir) / "run.json"
+        self.is_main = is_main
+        self.data = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
+
+    def update(self, **fields) -> None:
+        self.data.update(fields)
+        if self.is_main:
+            write_json(self.path, redact(self.data))
+
+
+class RunCallback(TrainerCallback):
+    """Logs metrics as JSON lines, draws the loss curve, and turns SIGINT/SIGTERM into save-and-stop."""
+
+    def __init__(self, run_dir: Path, is_main: bool):
+        self.run_dir = Path(run_dir)
+        self.is_main = is_main
+        self.interrupted: str | None = None
+        self.steps_this_process = 0
+        self.start_time = time.time()
+        self.tokens_seen = 0
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            if self.interrupted:  # a second signal: stop now
+                raise KeyboardInterrupt
+            self.interrupted = signal.Signals(signum).name
+            print(f"\n{self.interrupted}: saving a checkpoint after this step, then stopping "
+                  "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps_this_process += 1
+        if self.interrupted:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self.is_main or not logs:
+            return
+        row = {"step": state.global_step, "epoch": state.epoch, "time_s": round(time.time() - self.start_time, 2), **logs}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(redact(row)) + "\n")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.is_main:
+            plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> Path | None:
+    """Train loss per step and held-out loss where evaluated, as a PNG (written atomically)."""
+    rows = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r["loss"])]
+    held = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train and not held:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=110)
+    ax = fig.subplots()
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="#1f77b4", linewidth=1.2)
+    if held:
+        ax.plot(*zip(*held), "o--", label="held-out loss", color="#d62728")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean over trained tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, png_path)
+    return png_path
+
