@@ -267,14 +267,14 @@ def prompt_text(example) -> str:
     return "\n".join(m["content"] for m in example[:last])
 
 
-def _shingles(text: str, n: int = 3) -> set:
-    words = _norm(text).split()
-    return {" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))}
+def _shingles(text: str, n: int = 5) -> set:
+    text = _norm(text)
+    return {text[i : i + n] for i in range(max(1, len(text) - n + 1))}
 
 
 def find_overlap(train_prompts: list[str], eval_prompts: list[str], threshold: float = 0.8) -> dict:
     """Held-out prompts that also appear in training: exactly (after normalising case and spaces), or
-    nearly (Jaccard similarity of word 3-grams >= threshold)."""
+    nearly (Jaccard similarity of character 5-grams >= threshold)."""
     train_norm = {_norm(p) for p in train_prompts}
     exact = [i for i, p in enumerate(eval_prompts) if _norm(p) in train_norm]
     index: dict[str, set] = {}

@@ -133,6 +133,7 @@ _OWNED_ELSEWHERE = {
     "chat_template_path": "data.chat_template",
     "model_init_kwargs": "the model section",
     "trust_remote_code": "model.trust_remote_code",
+    "hub_token": "the HF_TOKEN environment variable (secrets never go in a recipe)",
 }
 
 # Our defaults for the TRL config, where TRL's own do not fit a LoRA run on a small machine.
@@ -148,7 +149,7 @@ TRAIN_DEFAULTS = {
     "save_steps": 100,
     "save_total_limit": 2,
     # Recomputing activations costs ~30% more time; a LoRA on a small model fits in memory without it.
-    "gradient_checkpointing": False,
+    "activation_checkpointing": False,
     "report_to": "none",
     "dataloader_num_workers": 0,
 }
@@ -184,6 +185,10 @@ def _convert(value, tp):
             if type(None) in options:
                 return None
             raise _Invalid("null is not allowed")
+        # TRL types enum-like fields as `SomeEnum | str`; the str is for the enum's values, so check them.
+        enums = [o for o in options if isinstance(o, type) and issubclass(o, enum.Enum)]
+        if enums and isinstance(value, str):
+            return _convert(value, enums[0])
         # Prefer an exact type match (so 5 stays an int in `int | str`), then conversions in order.
         for option in options:
             if isinstance(option, type) and not issubclass(option, enum.Enum) and type(value) is option:

@@ -149,6 +149,12 @@ class RunCallback(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
 
+    def on_save(self, args, state, control, **kwargs):
+        # Checkpoints pickle the full arguments (which can hold tokens); resuming does not read them, and
+        # run.json has the redacted config.
+        if self.is_main:
+            (Path(args.output_dir) / f"checkpoint-{state.global_step}" / "training_args.bin").unlink(missing_ok=True)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.is_main or not logs:
             return

@@ -152,7 +152,9 @@ def main(recipe: Recipe, callbacks=()) -> Path:
     trainer.processing_class.chat_template = chat.inference
     trainer.save_model(str(adapter_dir))
     if state.is_main_process:
-        # Old peft/transformers write an empty README; ours describes the run in run.json instead.
+        # The Trainer pickles its arguments and peft writes a blank model card; run.json holds both instead,
+        # and the adapter folder stays safetensors + JSON only.
+        (adapter_dir / "training_args.bin").unlink(missing_ok=True)
         (adapter_dir / "README.md").unlink(missing_ok=True)
 
     history = [row for row in trainer.state.log_history if "loss" in row]

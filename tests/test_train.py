@@ -1,0 +1,149 @@
+"""SFT on tiny models: what changes, what must not, and what the run directory records."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import CONVERSATIONS, Snapshot, tiny_recipe, write_jsonl
+from finetune import sft
+from finetune.errors import FinetuneError
+
+
+def _quant(bits):
+    return {"bits": bits} if bits else {"bits": None}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("bits", [None, 4, 8])
+def test_lora_and_qlora_change_every_adapter_tensor_and_no_base_weight(request, tmp_path, chat_file, arch, bits):
+    if arch == "qwen2" and bits == 8:
+        pytest.skip("8-bit is covered on llama; qwen2 covers LoRA and QLoRA")
+    model_dir = request.getfixturevalue(f"tiny_{arch}")
+    snap = Snapshot()
+    recipe = tiny_recipe(tmp_path, model_dir, chat_file, quantization=_quant(bits))
+    run_dir = sft.main(recipe, callbacks=[snap])
+    model = snap.model
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and set(lora) == set(snap.trainable)
+    unchanged = [n for n, p in lora.items() if torch.equal(p.detach(), snap.trainable[n])]
+    assert unchanged == [], f"LoRA tensors that did not change: {unchanged[:5]}"
+    assert all(p.dtype == torch.float32 for p in lora.values())  # adapter (and so Adam state) in fp32
+    frozen = dict(model.named_parameters())
+    changed = [n for n, before in snap.frozen.items() if not torch.equal(frozen[n].detach(), before)]
+    assert changed == [], f"base weights that changed: {changed[:5]}"
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "completed" and run["summary"]["steps"] == 3
+    assert run["recipe"]["quantization"]["bits"] == bits
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list((run_dir / "adapter").glob("*.bin"))
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert len([k for k in saved if "lora_" in k]) == len(lora)
+
+
+def test_loss_falls_on_a_fixed_batch(tmp_path, tiny_llama):
+    data = write_jsonl(tmp_path / "same.jsonl", [{"messages": CONVERSATIONS[1]}] * 4)
+    recipe = tiny_recipe(tmp_path, tiny_llama, data, train={"max_steps": 12, "learning_rate": 5e-2,
+                                                             "per_device_train_batch_size": 4})
+    run_dir = sft.main(recipe)
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert len(losses) == 12
+    # A random 2-layer model starts near ln(vocab) = 10.8; LoRA on its linear layers lowers it steadily.
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    assert (run_dir / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_after_generate_every_qlora_tensor_still_gets_a_gradient(tiny_llama):
+    """bitsandbytes repacks 4-bit weights on the first no-grad forward on AVX512-BF16 CPUs, after which
+    LoRA gradients silently vanish. finetune.models.load_model turns that path off."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.recipe import ModelConfig, QuantizationConfig
+
+    from finetune.models import load_model
+
+    model = load_model(ModelConfig(name=str(tiny_llama)), QuantizationConfig(bits=4))
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.support_avx512bf16_for_cpu is False for m in layers)
+    torch.manual_seed(0)
+    # init_lora_weights=False: B starts non-zero too, so every tensor (A included) has a gradient.
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    model.eval()
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    bad = [n for n, p in lora.items() if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum()]
+    assert lora and bad == []
+
+
+def test_interrupt_saves_a_checkpoint_and_resume_continues_from_it(tmp_path, tiny_llama, chat_file):
+    from transformers import TrainerCallback
+
+    class SigtermAtStep2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    recipe = tiny_recipe(tmp_path, tiny_llama, chat_file, train={"max_steps": 5})
+    with pytest.raises(FinetuneError, match="interrupted by SIGTERM at step 3; a checkpoint"):
+        sft.main(recipe, callbacks=[SigtermAtStep2()])
+    run_dir = tmp_path / "run"
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+    checkpoint = run_dir / "checkpoints" / "checkpoint-3"
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    # Without resume, the existing run directory is refused.
+    with pytest.raises(FinetuneError, match="already exists; pick another output_dir, resume it"):
+        sft.main(tiny_recipe(tmp_path, tiny_llama, chat_file, train={"max_steps": 5}))
+
+    snap = Snapshot()
+    resumed = tiny_recipe(tmp_path, tiny_llama, chat_file, train={"max_steps": 5, "resume": True})
+    sft.main(resumed, callbacks=[snap])
+    saved = load_file(checkpoint / "adapter_model.safetensors")
+    at_start = {k.replace(".default", ""): v for k, v in snap.trainable.items()}
+    for key, value in saved.items():
+        match = [v for k, v in at_start.items() if k.endswith(key.removeprefix("base_model.model."))]
+        assert match and torch.equal(match[0].float(), value.float()), key
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5]  # the resumed run went on at step 4
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "completed" and run["summary"]["steps"] == 5
+
+
+def test_no_secret_reaches_the_run_directory(tmp_path, tiny_llama, chat_file, monkeypatch):
+    secret, wandb_secret = "hf_SECRETxyz123456", "wandb-key-abc987654"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.setenv("WANDB_API_KEY", wandb_secret)
+    recipe = tiny_recipe(tmp_path, tiny_llama, chat_file, train={"run_name": f"run-{secret}"})
+    run_dir = sft.main(recipe)
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            blob = path.read_bytes()
+            assert secret.encode() not in blob and wandb_secret.encode() not in blob, path
+    run = json.loads((run_dir / "run.json").read_text())
+    assert not list(run_dir.rglob("*.bin"))
+    assert run["recipe"]["train"]["run_name"] == "run-<redacted>"
+
+
+def test_run_json_records_what_later_commands_need(tmp_path, tiny_llama, chat_file):
+    run_dir = sft.main(tiny_recipe(tmp_path, tiny_llama, chat_file))
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["base_model"]["path"] == str(tiny_llama)
+    assert run["world_size"] == 1 and run["processes"][0]["steps"] == 3
+    assert run["versions"]["trl"] and run["versions"]["torch"]
+    assert list(run["dataset_hashes"].values())[0] and len(list(run["dataset_hashes"].values())[0]) == 64
+    assert run["chat_template"]["family"] == "smollm2"
+    assert "git_commit" in run
