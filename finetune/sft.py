@@ -186,8 +186,11 @@ def _steps_per_epoch(trainer) -> int:
 
 
 def _per_process_counts(trainer, callback) -> list[dict]:
-    """Each process's share: its dataloader's batches per epoch and the steps it ran (gathered to rank 0)."""
-    mine = {"batches_per_epoch": len(trainer.get_train_dataloader()), "steps": callback.steps_this_process}
+    """Each process's share: its dataloader's batches per epoch, out of all the epoch's batches, and the steps
+    it ran (gathered to rank 0)."""
+    all_batches = math.ceil(len(trainer.train_dataset) / trainer.args.per_device_train_batch_size)
+    mine = {"batches_per_epoch": len(trainer.get_train_dataloader()), "batches_per_epoch_all": all_batches,
+            "steps": callback.steps_this_process}
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         everyone = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(everyone, mine)
