@@ -26,6 +26,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: venv
 	$(BIN)/finetune train recipes/smollm2-135m/sft_qlora.yaml output_dir=$(DEMO_DIR) overwrite=true
+	$(BIN)/finetune export $(DEMO_DIR)
 
 # pytest exits 5 when it collects no tests: that is not a failure of the suite.
 test: venv

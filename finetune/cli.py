@@ -2,6 +2,13 @@
 
     finetune train RECIPE [key=value ...]     train as the recipe says (accelerate launch -m finetune train ...)
     finetune validate RECIPE [key=value ...]  check recipe and data, show trained tokens, no training
+    finetune export RUN_DIR [--out DIR]       merge the adapter into the base; a deployable Chat model folder
+    finetune compare --model base=... --model chat=... --prompts ...   outputs side by side, with metrics
+    finetune chat MODEL                       talk to a model in the terminal (or answer piped prompts)
+    finetune eval MODEL --data NAME           score one model on a dataset, JSON out
+
+Verbs other than train/validate live in modules with `add_arguments(parser)` and `run(args)`; they import
+torch and friends inside `run`, so `finetune --help` stays fast.
 
 A user error prints one line and exits with status 2; `--debug` shows the traceback.
 """
@@ -60,6 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("recipe")
     validate.add_argument("overrides", nargs="*")
     validate.set_defaults(func=_validate)
+
+    import importlib
+
+    for verb, module, help_text in [
+        ("export", "finetune.export", "merge a run's adapter into its base and write a checked, deployable Chat model"),
+        ("compare", "finetune.compare", "generate with several models on the same prompts; report metrics side by side"),
+        ("chat", "finetune.chat", "chat with a model in the terminal (reads piped prompts too)"),
+        ("eval", "finetune.evaluate", "score one model on a dataset's prompts; JSON out"),
+    ]:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue  # verb not built yet
+        sub = verbs.add_parser(verb, help=help_text, description=(mod.__doc__ or "").strip().split("\n\n")[0])
+        mod.add_arguments(sub)
+        sub.set_defaults(func=mod.run)
     return parser
 
 

@@ -112,7 +112,9 @@ def main(recipe: Recipe, callbacks=()) -> Path:
         "recipe_file": recipe.source,
         "base_model": {"name": recipe.model.name, "path": models.resolve_model(recipe.model.name),
                        "hub_id": models.hub_id_of(recipe.model.name)},
-        "chat_template": {"family": chat.family, "added_tokens": chat.added_tokens},
+        "chat_template": {"family": chat.family, "added_tokens": chat.added_tokens,
+                          "end_of_turn": trainer.processing_class.convert_ids_to_tokens(
+                              templates_lib.end_of_turn_token_id(trainer.processing_class, chat.training))},
         "data": prepared.stats,
         "dataset_hashes": prepared.hashes,
         "versions": package_versions(),

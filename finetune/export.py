@@ -1,0 +1,433 @@
+"""Merge a run's adapter into its base and write a deployable Chat model, checked before it is published.
+
+    finetune export RUN_DIR [--out DIR] [--dtype bf16|fp16|fp32] [--shard-size 2GB]
+                    [--merge-base dequantized|original] [--adapter-only]
+
+The folder loads with plain `transformers` (and so vLLM, TGI, llama.cpp converters): safetensors weights
+(sharded above --shard-size), config.json, generation_config.json whose eos_token_id includes the chat
+template's end-of-turn token, the tokenizer with the model's inference chat template, a model card, the
+recipe, and export_report.json.
+
+Faithful-merge gate: after writing, the folder is reloaded with AutoModelForCausalLM and compared with the
+adapter model (the base weights the adapter saw in training + the unmerged adapter) on held-out
+conversations: max |logit difference|, mean KL, greedy next-token agreement, at the positions that predict
+the assistant's answer; the same for the base vs the adapter model. Both sides compute in fp32, so the
+figures measure the merge and the export dtype's rounding, not activation noise. The export fails (nothing
+published) when agreement < 99.5% or mean KL > 1e-3 (fp32 and bf16 alike), or when the base is as close to
+the adapter model as the merge noise (the adapter was lost). A stop check then generates greedily on
+held-out prompts and reports how often the model ends with an end-of-turn token.
+
+An adapter trained on a 4-bit base is merged, by default, into the dequantized 4-bit weights it was trained
+against; `--merge-base original` merges into the full-precision weights instead and reports what it cost.
+The output is written under a temporary name beside the target and renamed into place only when complete
+and checked, so an existing export is never half-overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+MAX_KL = 1e-3
+MIN_AGREEMENT = 0.995
+MIN_STOP_RATE = 0.9
+GATE_CONVERSATIONS = 16
+STOP_PROMPTS = 16
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("run_dir", help="a run directory written by `finetune train`")
+    parser.add_argument("--out", help="target folder (default RUN_DIR/export, or RUN_DIR/export-adapter)")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weights dtype (default: the base's published dtype)")
+    parser.add_argument("--shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB, 500MB (default 2GB)")
+    parser.add_argument("--merge-base", choices=["dequantized", "original"], default="dequantized",
+                        help="for an adapter trained on a 4-bit/8-bit base: merge into the dequantized weights it "
+                             "saw in training (default) or into the original full-precision weights")
+    parser.add_argument("--adapter-only", action="store_true", help="export the adapter (PEFT format) instead of merging")
+    parser.add_argument("--skip-stop-check", action="store_true", help="skip the generation-based stop check")
+
+
+def run(args) -> None:
+    from finetune.errors import FinetuneError
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise FinetuneError(f"run directory {run_dir} not found")
+    main(run_dir, out=Path(args.out) if args.out else None, dtype=args.dtype, shard_size=args.shard_size,
+         merge_base=args.merge_base, adapter_only=args.adapter_only, stop_check=not args.skip_stop_check)
+
+
+def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard_size: str = "2GB",
+         merge_base: str = "dequantized", adapter_only: bool = False, stop_check: bool = True,
+         _after_write=None) -> dict:
+    import torch
+
+    from finetune import models
+    from finetune.errors import FinetuneError
+    from finetune.files import staged_dir, write_json, write_text
+    from finetune.rundir import read_run
+
+    start = time.time()
+    run = read_run(run_dir)
+    if run.get("status") != "completed":
+        raise FinetuneError(f"{run_dir}/run.json: status is {run.get('status')!r}; only a completed run can be exported")
+    adapter_dir = run_dir / "adapter"
+    _check_adapter(adapter_dir)
+    out = out or run_dir / ("export-adapter" if adapter_only else "export")
+    _remove_stale_partials(out)
+    base_path = _base_path(run)
+    bits = run["recipe"]["quantization"]["bits"]
+    tokenizer = models.load_tokenizer(str(adapter_dir))
+    end_of_turn = _end_of_turn(run, tokenizer)
+
+    if adapter_only:
+        with staged_dir(out, replace=True) as tmp:
+            _write_adapter_only(run, run_dir, adapter_dir, tmp, tokenizer)
+            if _after_write:
+                _after_write(tmp)
+        print(f"Adapter exported to {out}")
+        return {"out": str(out)}
+
+    export_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype or _published_dtype(base_path)]
+    conversations = _held_out_conversations(run)
+
+    # --- The adapter model, in fp32 on the exact base weights the adapter saw in training (dequantized 4/8-bit
+    # weights for QLoRA): the reference the merge must reproduce. fp32, so that bf16 activation noise (KL ~5e-3
+    # on SmolLM2) is not mistaken for merge error.
+    adapter_model = _adapter_model(run, base_path, adapter_dir, bits and merge_base == "dequantized")
+    ref_logits = _logits(adapter_model, tokenizer, conversations)
+    with adapter_model.disable_adapter():
+        base_logits = _logits(adapter_model, tokenizer, conversations)
+    if bits and merge_base == "original":
+        del adapter_model  # the merge goes into the original full-precision weights instead
+        adapter_model = _adapter_model(run, base_path, adapter_dir, dequantized=False)
+    merged = adapter_model.merge_and_unload()
+    merged = merged.to(export_dtype)
+    merged.config.dtype = export_dtype
+    if getattr(merged.config, "quantization_config", None) is not None:
+        del merged.config.quantization_config
+    _untie_if_head_trained(merged)
+    eos_ids = sorted({i for i in [*_as_list(merged.generation_config.eos_token_id), tokenizer.eos_token_id,
+                                  tokenizer.convert_tokens_to_ids(end_of_turn)] if i is not None})
+    merged.generation_config.eos_token_id = eos_ids
+    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    with staged_dir(out, replace=True) as tmp:
+        merged.save_pretrained(tmp, max_shard_size=shard_size)
+        del merged
+        tokenizer.save_pretrained(tmp)
+        write_text(tmp / "recipe.yaml", _recipe_yaml(run))
+        if _after_write:
+            _after_write(tmp)
+        # --- Faithful-merge gate on the folder as written, loaded the way users will load it.
+        from transformers import AutoModelForCausalLM
+
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=export_dtype)
+        stop = _stop_check(reloaded, tokenizer, run, eos_ids) if stop_check else None  # as users will run it
+        merged_logits = _logits(reloaded.float(), tokenizer, conversations)  # weights as written, fp32 compute
+        del reloaded
+        report = {
+            "run_dir": str(run_dir),
+            "base_model": run["base_model"],
+            "quantization_bits": bits,
+            "merge_base": merge_base if bits else "original",
+            "dtype": str(export_dtype).replace("torch.", ""),
+            "eos_token_id": eos_ids,
+            "end_of_turn": end_of_turn,
+            "gate_conversations": len(conversations),
+            "merged_vs_adapter": _distance(ref_logits, merged_logits),
+            "base_vs_adapter": _distance(ref_logits, base_logits),
+            "thresholds": {"min_greedy_agreement": MIN_AGREEMENT, "max_mean_kl": MAX_KL},
+        }
+        failures = _gate_failures(report)
+        waived = [f for f in failures if "adapter was lost" not in f] if bits and merge_base == "original" else []
+        failures = [f for f in failures if f not in waived]
+        report["gate"] = "failed" if failures else ("waived: merged into the original weights, as asked" if waived else "passed")
+        report["waived"] = waived
+        if failures:
+            raise FinetuneError(
+                f"export of {run_dir} failed the faithful-merge gate: {'; '.join(failures)}. Nothing was written "
+                f"to {out}. Figures: merged vs adapter {report['merged_vs_adapter']}, base vs adapter "
+                f"{report['base_vs_adapter']}"
+            )
+        if stop:
+            report["stop_check"] = stop
+        report["seconds"] = round(time.time() - start, 1)
+        report["size_bytes"] = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        write_json(tmp / "export_report.json", report)
+        write_text(tmp / "README.md", _model_card(run, report, out))
+    _print_report(report, out)
+    return report
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _check_adapter(adapter_dir: Path) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from finetune.errors import FinetuneError
+
+    weights, config = adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_config.json"
+    if not weights.is_file() or not config.is_file():
+        raise FinetuneError(f"{adapter_dir}: adapter_model.safetensors or adapter_config.json is missing; "
+                            "was the run trained with an adapter?")
+    try:
+        json.loads(config.read_text())
+        tensors = load_file(weights)
+    except (SafetensorError, json.JSONDecodeError, OSError, ValueError) as e:
+        raise FinetuneError(f"{weights.parent}: the adapter is corrupted ({e}); re-run training or restore it") from None
+    import torch
+
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v.float()).all()]
+    if bad:
+        raise FinetuneError(f"{weights}: the adapter holds non-finite values (e.g. {bad[0]}); training diverged")
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Leftovers of an export that was killed part-way (dot-names beside the target, never the target)."""
+    if out.parent.is_dir():
+        for stale in out.parent.glob(f".{out.name}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _base_path(run: dict) -> str:
+    from finetune import models
+
+    name = run["base_model"]["name"]
+    return models.resolve_model(name) if name.startswith("embedded:") else run["base_model"]["path"]
+
+
+def _published_dtype(base_path: str) -> str:
+    config = json.loads((Path(base_path) / "config.json").read_text()) if Path(base_path).is_dir() else {}
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, "bf16")
+
+
+def _end_of_turn(run: dict, tokenizer) -> str:
+    from finetune import templates
+
+    recorded = run.get("chat_template", {}).get("end_of_turn")
+    if recorded:
+        return recorded
+    family = run.get("chat_template", {}).get("family")
+    training = templates.load_family(family)[1] if family in templates.FAMILIES else tokenizer.chat_template
+    return tokenizer.convert_ids_to_tokens(templates.end_of_turn_token_id(tokenizer, training))
+
+
+def _held_out_conversations(run: dict) -> list[list[dict]]:
+    """Up to GATE_CONVERSATIONS well-formed conversations from the run's held-out (else training) data."""
+    from finetune import data as data_lib
+
+    refs = run["recipe"]["data"]["eval_datasets"] or run["recipe"]["data"]["datasets"]
+    out = []
+    for ref in refs:
+        spec = data_lib.load_spec(ref["name"])
+        rows, _ = data_lib.read_rows(spec, ref["split"], GATE_CONVERSATIONS)
+        for _, row in rows:
+            messages = data_lib.to_messages(spec, row)
+            if isinstance(messages, list):
+                out.append(messages)
+        if len(out) >= GATE_CONVERSATIONS:
+            break
+    return out[:GATE_CONVERSATIONS]
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _adapter_model(run: dict, base_path: str, adapter_dir: Path, dequantized: bool):
+    """Base (fp32) + the unmerged adapter. `dequantized`: the base weights are those of the 4/8-bit model the
+    adapter was trained on, dequantized from a freshly loaded copy; else the original full-precision weights."""
+    from types import SimpleNamespace
+
+    import torch
+    from peft import PeftModel
+
+    from finetune import models
+
+    recipe = run["recipe"]
+    model_cfg = SimpleNamespace(**recipe["model"])
+    if dequantized:
+        # Fresh: on AVX512-BF16 CPUs, dequantizing after a no-grad forward returned wrong weights (ENVIRONMENT.md);
+        # load_model guards that path, and nothing has run through this copy yet anyway.
+        quantized = models.load_model(model_cfg, SimpleNamespace(**recipe["quantization"]), base_path)
+        quantized.dequantize(dtype=torch.float32)
+        base = quantized.to(torch.float32)  # embeddings and norms were loaded in the recipe dtype
+    else:
+        base = models.load_model(model_cfg, None, base_path, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def _untie_if_head_trained(model) -> None:
+    """If the head was trained apart from the embeddings (modules_to_save: [lm_head]), a tied config would
+    drop it on save and reload the embeddings in its place: untie so both are written."""
+    import torch
+
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embed is None or not getattr(model.config, "tie_word_embeddings", False):
+        return
+    if head.weight is not embed.weight and not torch.equal(head.weight, embed.weight):
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = False
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+# ----------------------------------------------------------------------------- the gate
+
+
+def _logits(model, tokenizer, conversations) -> list:
+    """Logits at the positions that predict the last assistant turn (its text and end-of-turn token): what
+    the model produces when it answers. Prompt positions are never sampled from, so they are not compared."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for messages in conversations:
+            prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True,
+                                                   return_dict=True)["input_ids"]
+            ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+            logits = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits[0]
+            out.append(logits[len(prompt) - 1 : -1].float())
+    return out
+
+
+def _distance(reference: list, other: list) -> dict:
+    """max |logit diff|, mean KL(reference || other) per position, share of positions with the same argmax."""
+    import torch
+
+    max_abs, kl_sum, agree, positions = 0.0, 0.0, 0, 0
+    for a, b in zip(reference, other):
+        max_abs = max(max_abs, (a - b).abs().max().item())
+        log_p, log_q = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+        kl_sum += (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).sum().item()
+        agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
+        positions += a.shape[0]
+    return {"max_abs_logit_diff": round(max_abs, 6), "mean_kl": float(f"{kl_sum / positions:.3g}"),
+            "greedy_agreement": round(agree / positions, 5), "positions": positions}
+
+
+def _gate_failures(report: dict) -> list[str]:
+    merged, base = report["merged_vs_adapter"], report["base_vs_adapter"]
+    failures = []
+    if merged["greedy_agreement"] < MIN_AGREEMENT:
+        failures.append(f"greedy agreement {merged['greedy_agreement']:.2%} < {MIN_AGREEMENT:.1%}")
+    if merged["mean_kl"] > MAX_KL:
+        failures.append(f"mean KL {merged['mean_kl']:.3g} > {MAX_KL:g}")
+    if base["mean_kl"] <= merged["mean_kl"] or base["max_abs_logit_diff"] <= merged["max_abs_logit_diff"]:
+        failures.append(
+            "the base model is as close to the adapter model as the merge noise (mean KL "
+            f"{base['mean_kl']:.3g} vs {merged['mean_kl']:.3g}): the adapter was lost or changes nothing"
+        )
+    return failures
+
+
+def _stop_check(model, tokenizer, run: dict, eos_ids: list[int], max_new_tokens: int = 96) -> dict:
+    """Greedy answers to held-out prompts: how many end with an end-of-turn/EOS token before the limit."""
+    import torch
+
+    prompts = [m[: max(i for i, x in enumerate(m) if x["role"] == "assistant")] for m in _held_out_conversations(run)]
+    prompts = prompts[:STOP_PROMPTS]
+    tokenizer.padding_side = "left"
+    batch = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                          return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids,
+                             pad_token_id=tokenizer.pad_token_id)
+    new = out[:, batch["input_ids"].shape[1]:]
+    stopped = [any(t in eos_ids for t in row.tolist()) for row in new]
+    rate = sum(stopped) / max(1, len(stopped))
+    return {"prompts": len(stopped), "stop_rate": round(rate, 4), "max_new_tokens": max_new_tokens,
+            "example": tokenizer.decode(new[0], skip_special_tokens=True).strip()[:200]}
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _write_adapter_only(run: dict, run_dir: Path, adapter_dir: Path, tmp: Path, tokenizer) -> None:
+    from finetune.files import write_json, write_text
+
+    for name in ("adapter_model.safetensors",):
+        shutil.copy2(adapter_dir / name, tmp / name)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    hub_id = run["base_model"].get("hub_id")
+    config["base_model_name_or_path"] = hub_id or run["base_model"]["path"]
+    write_json(tmp / "adapter_config.json", config)
+    tokenizer.save_pretrained(tmp)
+    write_text(tmp / "recipe.yaml", _recipe_yaml(run))
+    base = hub_id or run["base_model"]["path"]
+    write_text(tmp / "README.md", (
+        f"# LoRA adapter for {base}\n\nTrained by `finetune` (stage {run.get('stage')}) in `{run_dir}`.\n\n"
+        "```python\nfrom peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+        f"model = AutoPeftModelForCausalLM.from_pretrained(\"PATH_TO_THIS_FOLDER\")  # loads {base}\n"
+        "tokenizer = AutoTokenizer.from_pretrained(\"PATH_TO_THIS_FOLDER\")\n```\n"
+        + ("\nThe base was trained in 4-bit/8-bit: load it quantized the same way for outputs identical to training.\n"
+           if run["recipe"]["quantization"]["bits"] else "")
+    ))
+
+
+def _recipe_yaml(run: dict) -> str:
+    import yaml
+
+    return "# The resolved recipe of the run this model came from.\n" + yaml.safe_dump(run["recipe"], sort_keys=False)
+
+
+def _model_card(run: dict, report: dict, out: Path) -> str:
+    summary = run.get("summary", {})
+    data = ", ".join(f"{d['dataset']}:{d['split']}" for d in run.get("data", {}).get("datasets", []))
+    merged, base = report["merged_vs_adapter"], report["base_vs_adapter"]
+    stop = report.get("stop_check", {})
+    base_name = run["base_model"].get("hub_id") or run["base_model"]["name"]
+    return f"""# Chat model fine-tuned from {base_name}
+
+Merged by `finetune export` from the run in `{report['run_dir']}` (stage {run.get('stage')}, LoRA
+r={run['recipe']['adapter']['r']}, {'QLoRA ' + str(report['quantization_bits']) + '-bit, merged into the '
++ report['merge_base'] + ' base' if report['quantization_bits'] else 'full-precision base'}). Weights: {report['dtype']}.
+
+- Data: {data}
+- Steps: {summary.get('steps')}, train loss {summary.get('train_loss_first')} -> {summary.get('train_loss_last')},
+  held-out loss {summary.get('eval_loss_before')} -> {summary.get('eval_loss_after')}
+- Faithful-merge gate ({report['gate_conversations']} held-out conversations): merged vs adapter model
+  greedy agreement {merged['greedy_agreement']:.2%}, mean KL {merged['mean_kl']:.3g}, max logit difference
+  {merged['max_abs_logit_diff']:.3g} (base vs adapter: {base['greedy_agreement']:.2%}, {base['mean_kl']:.3g})
+- Stop check: {stop.get('stop_rate', 'not run')} of {stop.get('prompts', 0)} held-out prompts ended with an
+  end-of-turn token; `generation_config.eos_token_id` = {report['eos_token_id']} ({report['end_of_turn']} ends a turn)
+
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{out}")
+tokenizer = AutoTokenizer.from_pretrained("{out}")
+messages = [{{"role": "user", "content": "Hello!"}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+output = model.generate(**inputs, max_new_tokens=128)
+print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+The resolved training recipe is in `recipe.yaml`; the full gate figures in `export_report.json`.
+"""
+
+
+def _print_report(report: dict, out: Path) -> None:
+    merged, base = report["merged_vs_adapter"], report["base_vs_adapter"]
+    stop = report.get("stop_check")
+    print(f"Export: {out} ({report['dtype']}, {report['size_bytes'] / 2**20:.0f} MiB, {report['seconds']} s)")
+    print(f"  merged vs adapter: agreement {merged['greedy_agreement']:.2%}, mean KL {merged['mean_kl']:.3g}, "
+          f"max |logit diff| {merged['max_abs_logit_diff']:.3g}  -> gate {report['gate']}")
+    print(f"  base   vs adapter: agreement {base['greedy_agreement']:.2%}, mean KL {base['mean_kl']:.3g}, "
+          f"max |logit diff| {base['max_abs_logit_diff']:.3g}")
+    if stop:
+        line = f"  stop check: {stop['stop_rate']:.0%} of {stop['prompts']} held-out prompts ended with end-of-turn"
+        if stop["stop_rate"] < MIN_STOP_RATE:
+            line = ("\n  !!! WARNING: the model often does not stop !!!\n" + line +
+                    f" (below {MIN_STOP_RATE:.0%}): check the chat template's end-of-turn token and the loss mask")
+        print(line)
