@@ -346,7 +346,8 @@ def _load_split(ref, tokenizer, templates, data_cfg, seed: int) -> tuple[list, d
         if tok["full_length"] > data_cfg.max_length:
             truncated += 1
         if all(label == -100 for label in tok["labels"]):
-            reasons["answer truncated away by max_length"] += 1
+            cut = tok["full_length"] > data_cfg.max_length
+            reasons["answer truncated away by max_length" if cut else "no trained tokens (template marks no answer)"] += 1
             continue
         rows.append({"input_ids": tok["input_ids"], "labels": tok["labels"], "prompt": prompt_text(example)})
     stats = {
@@ -406,7 +407,8 @@ def _build_cache_entry(entry: Path, data_cfg, tokenizer, templates, seed: int) -
         per_dataset.append({**stats, "held_out": True})
         hashes.update(digest)
     if not train_rows:
-        raise FinetuneError("no training rows left after checks; see the counts above or run `finetune validate`")
+        counts = "; ".join(f"{s['dataset']}:{s['split']} read {s['rows_read']}, dropped {s['dropped']}" for s in per_dataset)
+        raise FinetuneError(f"no training rows left after checks ({counts}); see `finetune validate`")
     overlap = find_overlap([r["prompt"] for r in train_rows], [r["prompt"] for r in eval_rows]) if eval_rows else None
     stats = {
         "train_rows": len(train_rows),

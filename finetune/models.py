@@ -171,6 +171,11 @@ def lora_config(adapter_cfg, trainable_token_indices: list[int] | None = None):
     from peft import LoraConfig
 
     targets = adapter_cfg.target_modules
+    modules_to_save = list(adapter_cfg.modules_to_save)
+    if trainable_token_indices and "lm_head" not in modules_to_save:
+        # New tokens must be producible too: train the head (as TRL does when it adds chat tokens). TRL's fused
+        # loss reads lm_head.weight/.bias directly, which a trainable-tokens wrapper on a tied head lacks.
+        modules_to_save.append("lm_head")
     return LoraConfig(
         r=adapter_cfg.r,
         lora_alpha=adapter_cfg.alpha,
@@ -178,7 +183,7 @@ def lora_config(adapter_cfg, trainable_token_indices: list[int] | None = None):
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
         use_dora=adapter_cfg.use_dora,
         use_rslora=adapter_cfg.use_rslora,
-        modules_to_save=list(adapter_cfg.modules_to_save) or None,
+        modules_to_save=modules_to_save or None,
         trainable_token_indices={"embed_tokens": trainable_token_indices} if trainable_token_indices else None,
         task_type="CAUSAL_LM",
     )

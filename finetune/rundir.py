@@ -32,7 +32,9 @@ SECRET_ENV = (
     "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN", "COMET_API_KEY", "NEPTUNE_API_TOKEN", "OPENAI_API_KEY",
 )
-SECRET_KEY_PARTS = ("token", "secret", "password", "api_key", "apikey")
+# Keys whose values are credentials. Exact names, so that e.g. pad_token or added_tokens stay readable.
+SECRET_KEYS = {"token", "hub_token", "hf_token", "access_token", "auth_token", "api_key", "apikey", "password", "secret"}
+SECRET_SUFFIXES = ("_api_key", "_password", "_secret", "_access_token", "_auth_token")
 PACKAGES = ("finetune", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "safetensors")
 
 
@@ -41,8 +43,7 @@ def redact(obj):
     secrets = [os.environ[k] for k in SECRET_ENV if len(os.environ.get(k, "")) >= 4]
     if isinstance(obj, dict):
         return {
-            k: ("<redacted>" if any(p in str(k).lower() for p in SECRET_KEY_PARTS) and v not in (None, "", False)
-                and not isinstance(v, (bool, int, float)) else redact(v))
+            k: ("<redacted>" if _is_secret_key(str(k)) and isinstance(v, str) and v else redact(v))
             for k, v in obj.items()
         }
     if isinstance(obj, (list, tuple)):
@@ -51,6 +52,11 @@ def redact(obj):
         for s in secrets:
             obj = obj.replace(s, "<redacted>")
     return obj
+
+
+def _is_secret_key(key: str) -> bool:
+    key = key.lower()
+    return key in SECRET_KEYS or key.endswith(SECRET_SUFFIXES)
 
 
 def package_versions() -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import CONVERSATIONS, tiny_recipe, write_jsonl
@@ -24,23 +26,28 @@ def test_smollm2_family_is_the_embedded_models_own_template(smol_tokenizer):
 
 
 def _word_tokenizer():
-    """A base-model tokenizer without a chat template whose vocabulary lacks the ChatML tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A base-model tokenizer without a chat template whose vocabulary lacks the ChatML tokens: a tiny
+    byte-level BPE (the kind Qwen2's tokenizer class reloads faithfully), trained here on a few words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(["[UNK]", "</s>", "hello", "world", "user", "assistant", "system"])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["hello world", "user assistant system", "hello there world"] * 10, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
 
 
 def test_base_model_without_template_gets_chatml_and_its_tokens():
     tok = _word_tokenizer()
+    vocab_before = len(tok)
     assert tok.chat_template is None and "<|im_end|>" not in tok.get_vocab()
     chat = templates.resolve(tok, "auto")
     assert chat.family == "chatml"
     assert chat.added_tokens == ["<|im_start|>", "<|im_end|>"]
-    assert len(tok) == 9
+    assert len(tok) == vocab_before + 2
     ids = tok.apply_chat_template([{"role": "user", "content": "hello"}], chat_template=chat.inference, tokenize=True,
                                   return_dict=False, add_generation_prompt=True)
     ids = ids["input_ids"] if isinstance(ids, dict) else ids
@@ -109,3 +116,32 @@ def test_validate_shows_the_trained_tokens(tmp_path, tiny_llama, chat_file):
     shown = main(tiny_recipe(tmp_path, tiny_llama, chat_file, train={"shuffle_dataset": False}))["example"]
     assert "[[Blue.<|im_end|>]]" in shown or "[[Paris.<|im_end|>]]" in shown
     assert "<|im_start|>user" in shown and "[[<|im_start|>" not in shown
+
+
+def test_added_chat_tokens_get_trained_embedding_rows_that_are_saved(tmp_path):
+    """A base model whose vocabulary lacks <|im_start|>/<|im_end|>: the tokens are added, their embedding rows
+    are trained (peft trainable tokens) and saved with the adapter; the other rows stay as they were."""
+    from safetensors.torch import load_file
+
+    from conftest import build_tiny
+    from finetune import sft
+
+    tok = _word_tokenizer()
+    model_dir = build_tiny("qwen2", tok, tmp_path / "word-qwen2", tie=False)
+    rows = [{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]}] * 8
+    data = write_jsonl(tmp_path / "w.jsonl", rows)
+    run_dir = sft.main(tiny_recipe(tmp_path, model_dir, data, train={"max_steps": 4}))
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["chat_template"]["family"] == "chatml"
+    assert run["chat_template"]["added_tokens"] == ["<|im_start|>", "<|im_end|>"]
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    token_keys = [k for k in saved if "token_adapter" in k or "trainable_tokens" in k]
+    assert token_keys, sorted(saved)[:10]
+    rows_saved = saved[token_keys[0]]
+    assert rows_saved.shape[0] == 2  # exactly the two new tokens' rows
+    assert json.loads((run_dir / "adapter" / "tokenizer_config.json").read_text())  # tokenizer saved with them
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    new_ids = reloaded.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert min(new_ids) >= len(tok) and new_ids[0] != new_ids[1]  # appended to the vocabulary, and kept
