@@ -70,6 +70,13 @@ def build(recipe: Recipe, callbacks=()):
     model = models.load_model(recipe.model, recipe.quantization, model_path)
     new_token_ids = None
     if chat.added_tokens:
+        if getattr(model.config, "tie_word_embeddings", False) and recipe.adapter.type == "lora":
+            # peft wraps a tied head in a trainable-tokens layer that TRL's fused loss cannot read (no .bias).
+            raise FinetuneError(
+                f"{recipe.source}: the model ties its head to its embeddings and its vocabulary lacks the chat "
+                f"tokens {chat.added_tokens}; training new token rows on a tied head is not supported with LoRA. "
+                "Pick a data.chat_template whose tokens the vocabulary has, or use adapter.type: none"
+            )
         model.resize_token_embeddings(len(tokenizer))
         new_token_ids = tokenizer.convert_tokens_to_ids(chat.added_tokens)
     peft_config = models.lora_config(recipe.adapter, new_token_ids)
