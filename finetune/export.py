@@ -100,13 +100,13 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
     # --- The adapter model, in fp32 on the exact base weights the adapter saw in training (dequantized 4/8-bit
     # weights for QLoRA): the reference the merge must reproduce. fp32, so that bf16 activation noise (KL ~5e-3
     # on SmolLM2) is not mistaken for merge error.
-    adapter_model = _adapter_model(run, base_path, adapter_dir, bits and merge_base == "dequantized")
+    adapter_model = _adapter_model(run, base_path, adapter_dir, tokenizer, bits and merge_base == "dequantized")
     ref_logits = _logits(adapter_model, tokenizer, conversations)
     with adapter_model.disable_adapter():
         base_logits = _logits(adapter_model, tokenizer, conversations)
     if bits and merge_base == "original":
         del adapter_model  # the merge goes into the original full-precision weights instead
-        adapter_model = _adapter_model(run, base_path, adapter_dir, dequantized=False)
+        adapter_model = _adapter_model(run, base_path, adapter_dir, tokenizer, dequantized=False)
     merged = adapter_model.merge_and_unload()
     merged = merged.to(export_dtype)
     merged.config.dtype = export_dtype
@@ -249,7 +249,7 @@ def _held_out_conversations(run: dict) -> list[list[dict]]:
 # ----------------------------------------------------------------------------- models
 
 
-def _adapter_model(run: dict, base_path: str, adapter_dir: Path, dequantized: bool):
+def _adapter_model(run: dict, base_path: str, adapter_dir: Path, tokenizer, dequantized: bool):
     """Base (fp32) + the unmerged adapter. `dequantized`: the base weights are those of the 4/8-bit model the
     adapter was trained on, dequantized from a freshly loaded copy; else the original full-precision weights."""
     from types import SimpleNamespace
@@ -269,6 +269,8 @@ def _adapter_model(run: dict, base_path: str, adapter_dir: Path, dequantized: bo
         base = quantized.to(torch.float32)  # embeddings and norms were loaded in the recipe dtype
     else:
         base = models.load_model(model_cfg, None, base_path, dtype=torch.float32)
+    if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+        base.resize_token_embeddings(len(tokenizer))  # chat tokens added in training; their rows are in the adapter
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
 
