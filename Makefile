@@ -27,6 +27,8 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(BIN)/finetune train recipes/smollm2-135m/sft_qlora.yaml output_dir=$(DEMO_DIR) overwrite=true
 	$(BIN)/finetune export $(DEMO_DIR)
+	$(BIN)/finetune compare --model base=embedded:smollm2-135m --model chat=$(DEMO_DIR)/export \
+	    --prompts json_extract --split heldout --out $(DEMO_DIR)/compare
 
 # pytest exits 5 when it collects no tests: that is not a failure of the suite.
 test: venv
