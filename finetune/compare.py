@@ -224,6 +224,37 @@ def score_model(name: str, spec: str, prompts: PromptSet, settings: dict, adhere
     return record, outputs, metrics
 
 
+def reward_scores(spec: str, conversations: list[list[dict]], answers: list[str]) -> list[float]:
+    """Score each answer with a reward model (a sequence-classification model with one output): the
+    prompt turns plus the answer, rendered with the reward model's chat template, one logit per row."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from finetune import models
+
+    path = models.resolve_model(spec)
+    tokenizer = models.load_tokenizer(path)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise FinetuneError(f"--reward-model {spec}: cannot load a sequence-classification model: {e}") from None
+    if model.config.num_labels != 1:
+        raise FinetuneError(f"--reward-model {spec}: has {model.config.num_labels} outputs; a reward model has 1")
+    model.eval()
+    scores = []
+    with torch.no_grad():
+        for messages, answer in zip(conversations, answers):
+            conversation = [*messages, {"role": "assistant", "content": answer}]
+            if isinstance(tokenizer.chat_template, str):
+                text = tokenizer.apply_chat_template(conversation, tokenize=False)
+            else:
+                text = "\n\n".join(m["content"] for m in conversation)
+            inputs = tokenizer(text, return_tensors="pt", truncation=True, max_length=2048)
+            scores.append(model(**inputs).logits[0, 0].item())
+    del model
+    return scores
+
+
 def check_regex(pattern: str | None) -> None:
     if pattern is not None:
         from finetune.metrics import summarize
@@ -250,6 +281,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adherence-regex", default=None, metavar="RE",
                         help="what a well-formed answer looks like (whole answer); default: the dataset's")
     parser.add_argument("--out", default=None, metavar="DIR", help="report folder (default runs/compare-TIME)")
+    parser.add_argument("--reward-model", default=None, metavar="SPEC",
+                        help="also score every answer with this reward model (a local folder or hub id of a "
+                             "sequence-classification model with one output); reported as the mean reward")
     add_model_arguments(parser)
     add_decoding_arguments(parser)
 
@@ -284,11 +318,21 @@ def run(args) -> None:
         record, outputs[name], metrics[name] = score_model(name, spec, prompts, settings, regex, args.dtype,
                                                            styles.get(name))
         records.append(record)
+    if args.reward_model:
+        from finetune.metrics import summarize
+
+        for name in models:
+            log(f"[{name}] scoring answers with reward model {args.reward_model}")
+            rewards = reward_scores(args.reward_model, prompts.messages, [o["text"] for o in outputs[name]])
+            for output, reward in zip(outputs[name], rewards):
+                output["reward"] = reward
+            metrics[name] = summarize(outputs[name], prompts.references, adherence_regex=regex, rewards=rewards)
     report_settings = {
         "prompts": prompts.source, "split": prompts.split, "n_prompts": len(prompts.items),
         **settings_for_report(settings), "dtype": args.dtype,
         "prompt_style": ", ".join(f"{r['name']}={r['prompt_style']}" for r in records),
         "adherence_regex": regex,
+        "reward_model": args.reward_model,
     }
     paths = write_report(
         out_dir,

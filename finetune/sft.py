@@ -21,7 +21,9 @@ from finetune import data as data_lib
 from finetune import models, templates as templates_lib
 from finetune.errors import FinetuneError
 from finetune.recipe import Recipe
-from finetune.rundir import RunCallback, RunRecord, check_output_dir, clear_output_dir, git_commit, package_versions
+from finetune.rundir import (
+    RunCallback, RunRecord, check_output_dir, clear_output_dir, git_commit, package_versions, plot_losses,
+)
 
 
 def sft_config(recipe: Recipe):
@@ -157,6 +159,8 @@ def main(recipe: Recipe, callbacks=()) -> Path:
 
     # --- Held-out loss after, and the adapter with the model's own inference template.
     eval_after = trainer.evaluate(metric_key_prefix="eval") if prepared.eval is not None else None
+    if state.is_main_process and eval_after:
+        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")  # now with the final held-out loss
     adapter_dir = run_dir / "adapter"
     trainer.processing_class.chat_template = chat.inference
     trainer.save_model(str(adapter_dir))

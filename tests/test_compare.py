@@ -171,3 +171,31 @@ def test_dataset_prompts_take_the_heldout_split_and_its_regex():
     assert prompts.split == "heldout" and len(prompts.items) == 5
     assert prompts.adherence_regex and prompts.items[0]["reference"].startswith('{"name": ')
     assert prompts.items[0]["messages"][-1]["role"] == "user"
+
+
+def test_reward_model_scores_every_answer(tiny_llama, smol_tokenizer, tmp_path, capsys):
+    """--reward-model: each answer is scored by a one-output sequence classifier; the report's `reward` is
+    their mean, and equals scoring the same answers directly."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+    from finetune.compare import reward_scores
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=smol_tokenizer.pad_token_id)
+    reward_dir = tmp_path / "reward"
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(reward_dir)
+    smol_tokenizer.save_pretrained(reward_dir)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Name a colour."}, {"prompt": "Say hi."}])
+    out = tmp_path / "report"
+    assert cli.main(["compare", "--model", f"m={tiny_llama}", "--prompts", str(prompts), "--max-new-tokens", "4",
+                     "--dtype", "fp32", "--reward-model", str(reward_dir), "--out", str(out)]) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    direct = reward_scores(str(reward_dir), [[{"role": "user", "content": r["prompt"]}] for r in rows],
+                           [r["text"] for r in rows])
+    assert summary["metrics"]["m"]["reward"] == pytest.approx(sum(direct) / len(direct), abs=1e-5)
+    assert summary["settings"]["reward_model"] == str(reward_dir)
+    assert "Mean reward" in capsys.readouterr().out

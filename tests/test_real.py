@@ -18,11 +18,12 @@ pytestmark = pytest.mark.real
 
 def test_qlora_sft_on_the_embedded_model(tmp_path, smol_path):
     run_dir = tmp_path / "run"
-    code = main(["train", str(REPO / "recipes/smollm2-135m/sft_qlora.yaml"), "train.max_steps=2",
+    # Ten steps: the demo's loss has fallen from 0.36 to ~0.05 by then, so the model has learned to answer and stop.
+    code = main(["train", str(REPO / "recipes/smollm2-135m/sft_qlora.yaml"), "train.max_steps=10",
                  f"output_dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}"])
     assert code == 0
     run = json.loads((run_dir / "run.json").read_text())
-    assert run["status"] == "completed" and run["summary"]["steps"] == 2
+    assert run["status"] == "completed" and run["summary"]["steps"] == 10
     assert run["recipe"]["quantization"]["bits"] == 4
     assert run["data"]["train_rows"] == 400 and run["data"]["eval_rows"] == 60
     # The held-out loss was measured before and after, on the real model.
@@ -33,8 +34,10 @@ def test_qlora_sft_on_the_embedded_model(tmp_path, smol_path):
     assert "{% generation %}" not in template  # the run keeps the model's inference template
 
     # Export, then load the folder in a fresh process that imports only torch and transformers, and chat.
-    # Two steps make a small update: bf16 rounding of the merged weights would erase part of it and the gate
-    # refuses that (the demo's 40-step run exports in bf16), so this one is exported in fp32.
+    # After 10 steps many entries of the LoRA update are still below half a bf16 unit of their weight, so a
+    # bf16 export rounds them away and the gate refuses it (KL 2e-3); the demo's 40 steps export in bf16.
+    assert main(["export", str(run_dir)]) == 2
+    assert not (run_dir / "export").exists()
     assert main(["export", str(run_dir), "--dtype", "fp32"]) == 0
     report = json.loads((run_dir / "export" / "export_report.json").read_text())
     assert report["gate"] == "passed" and report["dtype"] == "float32"
