@@ -171,7 +171,10 @@ def main(recipe: Recipe, callbacks=()) -> Path:
         (adapter_dir / "README.md").unlink(missing_ok=True)
 
     history = [row for row in trainer.state.log_history if "loss" in row]
-    trained_tokens = prepared.stats["train_tokens"] * (trainer.state.global_step / max(1, _steps_per_epoch(trainer)))
+    # TRL counts the tokens it trained on (all processes); before resuming, some of them were counted earlier.
+    counted = [row["num_tokens"] for row in trainer.state.log_history if "num_tokens" in row]
+    trained_tokens = counted[-1] if counted else prepared.stats["train_tokens"] * (
+        trainer.state.global_step / max(1, _steps_per_epoch(trainer)))
     summary = {
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
