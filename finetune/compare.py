@@ -308,6 +308,12 @@ def run(args) -> None:
     regex = args.adherence_regex if args.adherence_regex is not None else prompts.adherence_regex
     check_regex(regex)
     out_dir = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FinetuneError(f"--out {out_dir} is a file; give a folder for the report")
+    if args.reward_model:
+        from finetune import models as models_lib
+
+        models_lib.resolve_model(args.reward_model)  # a missing folder fails now, not after generation
     quiet_libraries()
     apply_threads(args)
     log(f"{len(prompts.items)} prompts from {prompts.source}" + (f" (split {prompts.split})" if prompts.split else ""))

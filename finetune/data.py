@@ -10,6 +10,7 @@ file, row and reason; lenient mode skips malformed rows, counts them per reason,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -75,6 +76,8 @@ def load_spec(name: str) -> DatasetSpec:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise FinetuneError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise FinetuneError(f"{path}: a dataset YAML is a mapping (files, format, columns, ...), not {type(data).__name__}")
     spec = _build(DatasetSpec, data, "", str(path))
     spec.source = str(path)
     spec.files = {split: str((path.parent / f).resolve()) for split, f in spec.files.items()}
@@ -87,8 +90,14 @@ def _guess_format(path: Path) -> str:
     """For a bare data file: the format its first row's keys suggest."""
     try:
         if path.suffix == ".jsonl":
-            with open(path) as f:
-                keys = set(json.loads(next(line for line in f if line.strip())))
+            with open(path, encoding="utf-8", errors="replace") as f:
+                first = next((line for line in f if line.strip()), None)
+            if first is None:
+                raise FinetuneError(f"{path}: the file is empty; it needs at least one row")
+            row = json.loads(first)
+            if not isinstance(row, dict):
+                raise FinetuneError(f"{path}: row 1 is not a JSON object; each line must be one")
+            keys = set(row)
         else:
             import datasets
 
@@ -131,10 +140,15 @@ def read_rows(spec: DatasetSpec, split: str, max_rows: int | None = None) -> tup
     rows: list = []
     if file_type == "jsonl":
         # Read line by line so a broken line is reported with its number (datasets' loader would not say).
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw_line in enumerate(f, 1):
                 if len(rows) >= limit:
                     break
+                try:
+                    line = raw_line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    rows.append((lineno, RowError(f"not UTF-8 text (byte {e.start})")))
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -373,7 +387,8 @@ def prepare(data_cfg, tokenizer, templates, seed: int = 42) -> Prepared:
     content = []
     for ref, spec in specs:
         files = [spec.files[ref.split]] if ref.split in spec.files else []
-        content.append([ref.name, ref.split, ref.weight, ref.max_rows, spec.hub, spec.format, spec.columns,
+        described = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("description", "license")}
+        content.append([ref.name, ref.split, ref.weight, ref.max_rows, described,
                         [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files if Path(f).is_file()]])
     key_data = [CACHE_VERSION, content, _fingerprint(tokenizer), templates.training, data_cfg.max_length,
                 data_cfg.assistant_only_loss, data_cfg.strict, data_cfg.max_drop_fraction, seed,

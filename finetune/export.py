@@ -80,6 +80,7 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
     adapter_dir = run_dir / "adapter"
     _check_adapter(adapter_dir)
     out = out or run_dir / ("export-adapter" if adapter_only else "export")
+    _check_target(out, run_dir)
     _remove_stale_partials(out)
     base_path = _base_path(run)
     bits = run["recipe"]["quantization"]["bits"]
@@ -94,8 +95,13 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
         print(f"Adapter exported to {out}")
         return {"out": str(out)}
 
-    export_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype or _published_dtype(base_path)]
+    export_dtype = models.resolve_dtype(dtype or _published_dtype(base_path))
     conversations = _held_out_conversations(run)
+    if not conversations:
+        raise FinetuneError(
+            f"{run_dir}: no chat conversations to check the merge against (the run's data has none that parse as "
+            "chats); the faithful-merge gate needs some. Export with --adapter-only instead"
+        )
 
     # --- The adapter model, in fp32 on the exact base weights the adapter saw in training (dequantized 4/8-bit
     # weights for QLoRA): the reference the merge must reproduce. fp32, so that bf16 activation noise (KL ~5e-3
@@ -197,6 +203,17 @@ def _check_adapter(adapter_dir: Path) -> None:
         raise FinetuneError(f"{weights}: the adapter holds non-finite values (e.g. {bad[0]}); training diverged")
 
 
+def _check_target(out: Path, run_dir: Path) -> None:
+    """Replace only a previous export: never the run itself, nor a folder or file of something else."""
+    from finetune.errors import FinetuneError
+
+    if out.resolve() in (run_dir.resolve(), *run_dir.resolve().parents):
+        raise FinetuneError(f"--out {out} is the run directory or holds it; pick a folder for the export")
+    if out.exists() and not (out.is_dir() and ((out / "export_report.json").is_file() or
+                                               (out / "adapter_config.json").is_file() and (out / "recipe.yaml").is_file())):
+        raise FinetuneError(f"--out {out} already exists and is not a previous export; pick another path or remove it")
+
+
 def _remove_stale_partials(out: Path) -> None:
     """Leftovers of an export that was killed part-way (dot-names beside the target, never the target)."""
     if out.parent.is_dir():
@@ -224,6 +241,8 @@ def _end_of_turn(run: dict, tokenizer) -> str:
     if recorded:
         return recorded
     family = run.get("chat_template", {}).get("family")
+    if family not in templates.FAMILIES and not templates.has_markers(tokenizer.chat_template):
+        return tokenizer.eos_token
     training = templates.load_family(family)[1] if family in templates.FAMILIES else tokenizer.chat_template
     return tokenizer.convert_ids_to_tokens(templates.end_of_turn_token_id(tokenizer, training))
 
@@ -374,11 +393,13 @@ def _write_adapter_only(run: dict, run_dir: Path, adapter_dir: Path, tmp: Path, 
         shutil.copy2(adapter_dir / name, tmp / name)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     hub_id = run["base_model"].get("hub_id")
-    config["base_model_name_or_path"] = hub_id or run["base_model"]["path"]
+    embedded = run["base_model"]["name"].startswith("embedded:")
+    # An embedded model was trained on its converted (dequantized GGUF) weights, not the hub's: name that folder.
+    config["base_model_name_or_path"] = run["base_model"]["path"] if embedded or not hub_id else hub_id
     write_json(tmp / "adapter_config.json", config)
     tokenizer.save_pretrained(tmp)
     write_text(tmp / "recipe.yaml", _recipe_yaml(run))
-    base = hub_id or run["base_model"]["path"]
+    base = config["base_model_name_or_path"]
     write_text(tmp / "README.md", (
         f"# LoRA adapter for {base}\n\nTrained by `finetune` (stage {run.get('stage')}) in `{run_dir}`.\n\n"
         "```python\nfrom peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"

@@ -52,19 +52,41 @@ def file_lock(path: str | Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        at_fdcwd, rename_exchange = -100, 2
+        return libc.renameat2(at_fdcwd, bytes(a), at_fdcwd, bytes(b), rename_exchange) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _publishable(folder: Path) -> None:
+    """mkdtemp and safetensors create private entries (0700/0600); published ones get the umask's modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def staged_dir(target: str | Path, replace: bool = False):
     """Build a folder under a temporary name beside `target`; rename it into place when the block ends.
 
     If the block raises (or the process dies), `target` is untouched and the temporary folder is removed
     (or left under a dot-name that is never mistaken for a result). With `replace`, an existing target is
-    swapped out only after the new folder is complete.
+    swapped for the new folder in one atomic step, so the target path always holds a whole folder.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
     try:
         yield tmp
+        _publishable(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -72,6 +94,9 @@ def staged_dir(target: str | Path, replace: bool = False):
         if not replace:
             shutil.rmtree(tmp, ignore_errors=True)
             raise FileExistsError(target)
+        if _exchange(tmp, target):  # tmp now holds the previous folder
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
         os.replace(tmp, target)

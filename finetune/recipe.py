@@ -83,7 +83,7 @@ class DataConfig:
     assistant_only_loss: bool = _f(True, "Train only on assistant tokens and their end-of-turn tokens.")
     strict: bool = _f(True, "Stop at the first malformed row; false skips them (counted per reason).")
     max_drop_fraction: float = _f(0.01, "In lenient mode, fail when more than this share of rows is dropped.", minimum=0.0, maximum=1.0)
-    cache_dir: str | None = _f(None, "Processed-data cache; default $FINETUNE_CACHE/data or ~/.cache/finetune/data.")
+    cache_dir: str | None = _f(None, "Processed-data cache; default $FINETUNE_HOME/data (~/.cache/finetune/data).")
 
 
 @dataclass
@@ -205,8 +205,8 @@ def _convert(value, tp):
         raise _Invalid("null is not allowed")
     if origin in (list, tuple):
         (item_type, *_) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str):
-            value = [value]
+        if isinstance(value, str):  # `a,b` on the command line, or one name
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise _Invalid("expected a list")
         return [_convert(v, item_type) for v in value]
@@ -322,9 +322,9 @@ def _check_field(f: dataclasses.Field, value, key: str, source: str):
 
 def _build_train(data, source: str) -> TrainConfig:
     """`train`: our keys (stage, resume) plus fields of the stage's TRL config."""
-    data = dict(data or {})
-    if not isinstance(data, dict):
+    if not isinstance(data or {}, dict):
         raise _bad_value(source, "train", data, "expected a mapping of keys")
+    data = dict(data or {})
     own = _build(TrainConfig, {k: data.pop(k) for k in ("stage", "resume") if k in data}, "train", source)
     config_cls = stage_config_class(own.stage)
     fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}

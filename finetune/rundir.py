@@ -82,6 +82,8 @@ def git_commit() -> str | None:
 
 def check_output_dir(path: Path, resume: bool, overwrite: bool, source: str) -> None:
     """An existing output_dir is refused unless the recipe resumes it or says to overwrite it."""
+    if path.exists() and not path.is_dir():
+        raise FinetuneError(f"{source}: output_dir {path} is a file; give a folder path")
     if not path.exists() or not any(path.iterdir()):
         if resume:
             raise FinetuneError(f"{source}: train.resume is true but {path} holds no run to resume")
@@ -90,6 +92,11 @@ def check_output_dir(path: Path, resume: bool, overwrite: bool, source: str) -> 
         if not any((path / "checkpoints").glob("checkpoint-*")):
             raise FinetuneError(f"{source}: train.resume is true but {path}/checkpoints holds no checkpoint")
         return
+    if overwrite and not (path / "run.json").is_file():
+        raise FinetuneError(
+            f"{source}: output_dir {path} exists but is not a run directory (no run.json); overwrite=true only "
+            "replaces a previous run. Pick another output_dir"
+        )
     if not overwrite:
         raise FinetuneError(
             f"{source}: output_dir {path} already exists; pick another output_dir, resume it with "
@@ -136,7 +143,10 @@ class RunCallback(TrainerCallback):
         self.interrupted: str | None = None
         self.steps_this_process = 0
         self.start_time = time.time()
-        self.tokens_seen = 0
+        # (num_tokens, seconds) at the first and last log of this session: throughput without loading time,
+        # and without the tokens of a run this one resumed.
+        self.first_count: tuple[float, float] | None = None
+        self.last_count: tuple[float, float] | None = None
 
     def install_signal_handlers(self) -> None:
         def handler(signum, frame):
@@ -161,7 +171,19 @@ class RunCallback(TrainerCallback):
         if self.is_main:
             (Path(args.output_dir) / f"checkpoint-{state.global_step}" / "training_args.bin").unlink(missing_ok=True)
 
+    def restore_signal_handlers(self) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def tokens_per_second(self) -> float | None:
+        if not self.first_count or not self.last_count or self.last_count[1] <= self.first_count[1]:
+            return None
+        return (self.last_count[0] - self.first_count[0]) / (self.last_count[1] - self.first_count[1])
+
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "num_tokens" in logs:
+            self.last_count = (float(logs["num_tokens"]), time.time())
+            self.first_count = self.first_count or self.last_count
         if not self.is_main or not logs:
             return
         row = {"step": state.global_step, "epoch": state.epoch, "time_s": round(time.time() - self.start_time, 2), **logs}

@@ -52,7 +52,10 @@ def build(recipe: Recipe, callbacks=()):
     from trl import SFTTrainer
 
     # --- Trainer arguments first: under accelerate, the process rank is known only once they exist.
-    args = sft_config(recipe)
+    try:
+        args = sft_config(recipe)
+    except ValueError as e:  # TRL/transformers' own range and combination checks
+        raise FinetuneError(f"{recipe.source}: train: {e}") from None
     state = PartialState()
     run_dir = Path(recipe.output_dir)
 
@@ -60,7 +63,10 @@ def build(recipe: Recipe, callbacks=()):
     with state.main_process_first():
         model_path = models.resolve_model(recipe.model.name)
     tokenizer = models.load_tokenizer(model_path, recipe.model.trust_remote_code)
-    chat = templates_lib.resolve(tokenizer, recipe.data.chat_template)
+    try:
+        chat = templates_lib.resolve(tokenizer, recipe.data.chat_template, recipe.data.assistant_only_loss)
+    except FinetuneError as e:
+        raise FinetuneError(f"{recipe.source}: {e}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # labels are padded with -100, so EOS stays trained
 
@@ -83,15 +89,15 @@ def build(recipe: Recipe, callbacks=()):
         new_token_ids = tokenizer.convert_tokens_to_ids(chat.added_tokens)
     peft_config = models.lora_config(recipe.adapter, new_token_ids)
     run_callback = RunCallback(run_dir, state.is_main_process)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=prepared.train,
-        eval_dataset=prepared.eval,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[run_callback, *callbacks],
-    )
+    try:
+        trainer = _trainer(SFTTrainer, model, args, prepared, tokenizer, peft_config, [run_callback, *callbacks])
+    except ValueError as e:
+        if "target modules" in str(e).lower() or "not found in the base model" in str(e):
+            raise FinetuneError(
+                f"{recipe.source}: adapter.target_modules = {recipe.adapter.target_modules}: {e}. Use module "
+                "names of this model (e.g. q_proj, v_proj) or all-linear"
+            ) from None
+        raise
     # TRL casts adapters of quantized models to bf16; keep them (and so the optimizer state) as the recipe says.
     adapter_dtype = torch.float32 if recipe.adapter.dtype == "fp32" else torch.bfloat16
     for param in trainer.model.parameters():
@@ -102,19 +108,16 @@ def build(recipe: Recipe, callbacks=()):
 
 def main(recipe: Recipe, callbacks=()) -> Path:
     run_dir = Path(recipe.output_dir)
-    from accelerate import PartialState
+    check_output_dir(run_dir, recipe.train.resume, recipe.overwrite, recipe.source)  # early: before slow loading
+    trainer, prepared, chat, run_callback, state = build(recipe, callbacks)
 
-    sft_config(recipe)  # sets up the process group, so PartialState below knows this process's rank
-    state = PartialState()
+    # --- The run directory (checked above): replaced (overwrite=true) only now that the recipe, model and data
+    # have all loaded, so a failing recipe never costs the previous run.
     if state.is_main_process:
-        check_output_dir(run_dir, recipe.train.resume, recipe.overwrite, recipe.source)
         if recipe.overwrite:
             clear_output_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
-
-    trainer, prepared, chat, run_callback, state = build(recipe, callbacks)
-    world = state.num_processes
     record = RunRecord(run_dir, state.is_main_process, {
         "stage": "sft",
         "recipe": recipe.to_dict(),
@@ -122,35 +125,45 @@ def main(recipe: Recipe, callbacks=()) -> Path:
         "base_model": {"name": recipe.model.name, "path": models.resolve_model(recipe.model.name),
                        "hub_id": models.hub_id_of(recipe.model.name)},
         "chat_template": {"family": chat.family, "added_tokens": chat.added_tokens,
-                          "end_of_turn": trainer.processing_class.convert_ids_to_tokens(
-                              templates_lib.end_of_turn_token_id(trainer.processing_class, chat.training))},
+                          "end_of_turn": _end_of_turn(trainer.processing_class, chat)},
         "data": prepared.stats,
         "dataset_hashes": prepared.hashes,
         "versions": package_versions(),
         "git_commit": git_commit(),
-        "world_size": world,
+        "world_size": state.num_processes,
         "device": str(trainer.args.device),
     })
     record.update()
     _print_data_summary(prepared.stats, state.is_main_process)
+    try:
+        summary, processes = _train_and_save(trainer, prepared, chat, run_callback, recipe, run_dir, state)
+    except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt) or run_callback.interrupted
+        record.update(status="interrupted" if interrupted else "failed", error=f"{type(e).__name__}: {e}",
+                      step=trainer.state.global_step, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        raise
+    finally:
+        run_callback.restore_signal_handlers()
+    record.update(status="completed", summary=summary, processes=processes, adapter="adapter",
+                  adapter_sha256=_adapter_hash(run_dir / "adapter") if state.is_main_process else None,
+                  ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    if state.is_main_process:
+        print(json.dumps(summary, indent=2))
+        print(f"Run directory: {run_dir}\nLoss curve:    {run_dir / 'loss_curve.png'}")
+    return run_dir
 
+
+def _train_and_save(trainer, prepared, chat, run_callback, recipe, run_dir, state):
     # --- Held-out loss before training, so the run shows what it changed.
     eval_before = trainer.evaluate(metric_key_prefix="eval") if prepared.eval is not None else None
 
     # --- Train. SIGINT/SIGTERM save a checkpoint and stop at the end of the current step.
     run_callback.install_signal_handlers()
     start = time.time()
-    try:
-        result = trainer.train(resume_from_checkpoint=True if recipe.train.resume else None)
-    except BaseException as e:
-        record.update(status="failed", error=f"{type(e).__name__}: {e}", ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        raise
+    result = trainer.train(resume_from_checkpoint=True if recipe.train.resume else None)
     seconds = time.time() - start
     processes = _per_process_counts(trainer, run_callback)
-
     if run_callback.interrupted:
-        record.update(status="interrupted", signal=run_callback.interrupted, step=trainer.state.global_step,
-                      processes=processes, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         raise FinetuneError(
             f"training interrupted by {run_callback.interrupted} at step {trainer.state.global_step}; a checkpoint "
             f"is in {run_dir}/checkpoints. Continue with: finetune train {recipe.source} train.resume=true "
@@ -171,10 +184,7 @@ def main(recipe: Recipe, callbacks=()) -> Path:
         (adapter_dir / "README.md").unlink(missing_ok=True)
 
     history = [row for row in trainer.state.log_history if "loss" in row]
-    # TRL counts the tokens it trained on (all processes); before resuming, some of them were counted earlier.
-    counted = [row["num_tokens"] for row in trainer.state.log_history if "num_tokens" in row]
-    trained_tokens = counted[-1] if counted else prepared.stats["train_tokens"] * (
-        trainer.state.global_step / max(1, _steps_per_epoch(trainer)))
+    rate = run_callback.tokens_per_second()
     summary = {
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
@@ -184,16 +194,22 @@ def main(recipe: Recipe, callbacks=()) -> Path:
         "train_loss_mean": result.training_loss,
         "eval_loss_before": eval_before["eval_loss"] if eval_before else None,
         "eval_loss_after": eval_after["eval_loss"] if eval_after else None,
-        "tokens_per_second": round(trained_tokens / seconds, 1) if seconds > 0 else None,
+        # Input tokens (TRL's count, all processes) per second, from the first to the last logged step.
+        "tokens_per_second": round(rate, 1) if rate else None,
         "peak_memory_mib": _peak_memory_mib(),
     }
-    record.update(status="completed", summary=summary, processes=processes, adapter="adapter",
-                  adapter_sha256=_adapter_hash(adapter_dir) if state.is_main_process else None,
-                  ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    if state.is_main_process:
-        print(json.dumps(summary, indent=2))
-        print(f"Run directory: {run_dir}\nLoss curve:    {run_dir / 'loss_curve.png'}")
-    return run_dir
+    return summary, processes
+
+
+def _end_of_turn(tokenizer, chat) -> str | None:
+    if not templates_lib.has_markers(chat.training):
+        return None  # a template without markers (assistant_only_loss: false): export falls back to EOS
+    return tokenizer.convert_ids_to_tokens(templates_lib.end_of_turn_token_id(tokenizer, chat.training))
+
+
+def _trainer(trainer_cls, model, args, prepared, tokenizer, peft_config, callbacks):
+    return trainer_cls(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
+                       processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
 
 
 def _steps_per_epoch(trainer) -> int:

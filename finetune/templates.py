@@ -91,15 +91,16 @@ def load_family(name: str) -> tuple[str, str]:
     return inference.read_text(), training.read_text()
 
 
-def resolve(tokenizer, choice: str = "auto") -> ChatTemplates:
-    """Pick the training template for this tokenizer; add ChatML tokens to a base model that has none."""
+def resolve(tokenizer, choice: str = "auto", need_markers: bool = True) -> ChatTemplates:
+    """Pick the training template for this tokenizer; add ChatML tokens to a base model that has none.
+    Without `need_markers` (data.assistant_only_loss: false), any template will do: every token is trained."""
     own = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     if choice.endswith((".jinja", ".j2")):
         path = Path(choice)
         if not path.is_file():
             raise FinetuneError(f"data.chat_template: file {choice} not found")
         training = path.read_text()
-        if not has_markers(training):
+        if not has_markers(training) and need_markers:
             raise FinetuneError(
                 f"data.chat_template: {choice} has no {{% generation %}} markers, so assistant tokens cannot be "
                 "told apart; wrap each assistant message and its end-of-turn token in them, or set "
@@ -117,7 +118,7 @@ def resolve(tokenizer, choice: str = "auto") -> ChatTemplates:
         # A base model without a template gets plain ChatML; its tokens are added if the vocabulary lacks them.
         inference, training = load_family("chatml")
         return ChatTemplates("chatml", inference, training, _add_missing_tokens(tokenizer, "chatml"))
-    if has_markers(own):
+    if has_markers(own) or not need_markers:
         return ChatTemplates("model", strip_markers(own), own)
     special = {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
     for name in FAMILIES:

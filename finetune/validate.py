@@ -32,9 +32,26 @@ def mark_trained(tokenizer, input_ids, labels) -> str:
 
 
 def main(recipe: Recipe) -> dict:
+    import dataclasses
+    import tempfile
+    from pathlib import Path
+
+    from finetune.errors import FinetuneError
+    from finetune.rundir import check_output_dir
     from finetune.sft import build
 
-    trainer, prepared, chat, _, state = build(recipe)
+    # Would `train` accept output_dir? Say so, but build the trainer in a scratch folder: validate writes nothing.
+    try:
+        check_output_dir(Path(recipe.output_dir), recipe.train.resume, recipe.overwrite, recipe.source)
+        output_note = None
+    except FinetuneError as e:
+        output_note = f"warning: train would stop here: {e}"
+    with tempfile.TemporaryDirectory(prefix="finetune-validate-") as scratch:
+        trainer, prepared, chat, _, state = build(dataclasses.replace(recipe, output_dir=scratch))
+        return _show(recipe, trainer, prepared, chat, state, output_note)
+
+
+def _show(recipe, trainer, prepared, chat, state, output_note) -> dict:
     batch = next(iter(trainer.get_train_dataloader()))
     input_ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     # In a packed batch the first row holds several examples; show up to the end of the first one.
@@ -49,4 +66,6 @@ def main(recipe: Recipe) -> dict:
         print(shown)
         print("\nDataset statistics:")
         print(json.dumps(prepared.stats, indent=2))
+        if output_note:
+            print(output_note)
     return {"stats": prepared.stats, "example": shown}

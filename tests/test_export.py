@@ -167,3 +167,15 @@ def test_adapter_only_export_names_a_loadable_base(tmp_path, lora_run, tiny_llam
     model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter-only")
     assert any("lora_" in n for n, _ in model.named_parameters())
     assert (tmp_path / "adapter-only" / "tokenizer.json").is_file()
+
+
+def test_export_never_replaces_something_that_is_not_an_export(tmp_path, lora_run):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("my thesis")
+    with pytest.raises(FinetuneError, match="already exists and is not a previous export"):
+        export.main(lora_run, out=precious, adapter_only=True)
+    assert (precious / "thesis.txt").read_text() == "my thesis"
+    with pytest.raises(FinetuneError, match="is the run directory or holds it"):
+        export.main(lora_run, out=lora_run, adapter_only=True)
+    assert (lora_run / "run.json").is_file()

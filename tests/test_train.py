@@ -147,3 +147,26 @@ def test_run_json_records_what_later_commands_need(tmp_path, tiny_llama, chat_fi
     assert list(run["dataset_hashes"].values())[0] and len(list(run["dataset_hashes"].values())[0]) == 64
     assert run["chat_template"]["family"] == "smollm2"
     assert "git_commit" in run
+
+
+def test_overwrite_replaces_only_a_run_and_only_once_the_new_one_has_loaded(tmp_path, tiny_llama, chat_file):
+    not_a_run = tmp_path / "run"
+    not_a_run.mkdir()
+    (not_a_run / "notes.txt").write_text("keep me")
+    with pytest.raises(FinetuneError, match="is not a run directory .*overwrite=true only replaces a previous run"):
+        sft.main(tiny_recipe(tmp_path, tiny_llama, chat_file, overwrite=True))
+    assert (not_a_run / "notes.txt").read_text() == "keep me"
+    (not_a_run / "notes.txt").unlink()
+    sft.main(tiny_recipe(tmp_path, tiny_llama, chat_file))
+    before = (not_a_run / "run.json").read_text()
+    # A recipe that fails while loading (its data is missing) leaves the previous run as it was.
+    with pytest.raises(FinetuneError, match="not found"):
+        sft.main(tiny_recipe(tmp_path, tiny_llama, tmp_path / "missing.jsonl", overwrite=True))
+    assert (not_a_run / "run.json").read_text() == before
+
+
+def test_validate_writes_nothing_to_output_dir(tmp_path, tiny_llama, chat_file):
+    from finetune.validate import main as validate
+
+    validate(tiny_recipe(tmp_path, tiny_llama, chat_file))
+    assert not (tmp_path / "run").exists()
