@@ -20,11 +20,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from finetune.errors import FinetuneError
 from finetune.files import file_lock, home_dir, staged_dir, write_json
-from finetune.recipe import _build, _f
+from finetune.recipe import _build, _f, read_yaml_mapping
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference")
 FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -70,14 +68,7 @@ def load_spec(name: str) -> DatasetSpec:
         if not path.is_file():
             known = sorted(p.stem for p in datasets_dir().glob("*.yaml"))
             raise FinetuneError(f"dataset '{name}' not found: no {path}; known datasets: {', '.join(known) or 'none'}")
-    if not path.is_file():
-        raise FinetuneError(f"dataset file {name} not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise FinetuneError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise FinetuneError(f"{path}: a dataset YAML is a mapping (files, format, columns, ...), not {type(data).__name__}")
+    data = read_yaml_mapping(path, "a dataset YAML is a mapping (files, format, columns, ...)")
     spec = _build(DatasetSpec, data, "", str(path))
     spec.source = str(path)
     spec.files = {split: str((path.parent / f).resolve()) for split, f in spec.files.items()}

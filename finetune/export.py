@@ -135,7 +135,7 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
         from transformers import AutoModelForCausalLM
 
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=export_dtype)
-        stop = _stop_check(reloaded, tokenizer, run, eos_ids) if stop_check else None  # as users will run it
+        stop = _stop_check(reloaded, tokenizer, conversations, eos_ids) if stop_check else None  # as users will run it
         merged_logits = _logits(reloaded.float(), tokenizer, conversations)  # weights as written, fp32 compute
         del reloaded
         report = {
@@ -364,11 +364,11 @@ def _gate_failures(report: dict) -> list[str]:
     return failures
 
 
-def _stop_check(model, tokenizer, run: dict, eos_ids: list[int], max_new_tokens: int = 96) -> dict:
+def _stop_check(model, tokenizer, conversations, eos_ids: list[int], max_new_tokens: int = 96) -> dict:
     """Greedy answers to held-out prompts: how many end with an end-of-turn/EOS token before the limit."""
     import torch
 
-    prompts = [m[: max(i for i, x in enumerate(m) if x["role"] == "assistant")] for m in _held_out_conversations(run)]
+    prompts = [m[: max(i for i, x in enumerate(m) if x["role"] == "assistant")] for m in conversations]
     prompts = prompts[:STOP_PROMPTS]
     tokenizer.padding_side = "left"
     batch = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True,

@@ -418,16 +418,22 @@ def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    path = Path(path)
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """A YAML file that must hold a mapping (a recipe, a dataset YAML), or one clear error naming it."""
     if not path.is_file():
-        raise FinetuneError(f"{path}: recipe file not found")
+        raise FinetuneError(f"{path}: file not found")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise FinetuneError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise FinetuneError(f"{path}: a recipe is a mapping of sections (model, adapter, data, train, ...)")
+        raise FinetuneError(f"{path}: {what}, not {type(data).__name__}")
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    data = read_yaml_mapping(path, "a recipe is a mapping of sections (model, adapter, data, train, ...)")
     if overrides:
         data = _merge(data, parse_overrides(list(overrides)))
     return recipe_from_dict(data, str(path))
