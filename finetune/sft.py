@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -108,7 +109,10 @@ def build(recipe: Recipe, callbacks=()):
 
 def main(recipe: Recipe, callbacks=()) -> Path:
     run_dir = Path(recipe.output_dir)
-    check_output_dir(run_dir, recipe.train.resume, recipe.overwrite, recipe.source)  # early: before slow loading
+    # Early, before slow loading; by the first process only (RANK is set by accelerate/torchrun before the trainer
+    # exists), since the others may start after rank 0's trainer has made output_dir/checkpoints.
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_output_dir(run_dir, recipe.train.resume, recipe.overwrite, recipe.source)
     trainer, prepared, chat, run_callback, state = build(recipe, callbacks)
 
     # --- The run directory (checked above): replaced (overwrite=true) only now that the recipe, model and data
