@@ -76,12 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("chat", "finetune.chat", "chat with a model in the terminal (reads piped prompts too)"),
         ("eval", "finetune.evaluate", "score one model on a dataset's prompts; JSON out"),
     ]:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue  # verb not built yet
+        mod = importlib.import_module(module)
         sub = verbs.add_parser(verb, help=help_text, description=(mod.__doc__ or "").strip().split("\n\n")[0])
         mod.add_arguments(sub)
         sub.set_defaults(func=mod.run)

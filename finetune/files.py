@@ -16,6 +16,13 @@ def home_dir() -> Path:
     return Path(os.environ.get("FINETUNE_HOME") or Path.home() / ".cache" / "finetune")
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it, so set it straight back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write a file atomically: a temp file in the same folder, then a rename."""
     path = Path(path)
@@ -24,10 +31,7 @@ def write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        # mkstemp makes the file private (0600); published files get the usual mode under the user's umask.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private (0600)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -66,8 +70,7 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def _publishable(folder: Path) -> None:
     """mkdtemp and safetensors create private entries (0700/0600); published ones get the umask's modes."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     os.chmod(folder, 0o777 & ~umask)
     for path in folder.rglob("*"):
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
