@@ -25,13 +25,11 @@ from finetune.errors import FinetuneError
 def _train(args) -> None:
     from finetune.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    stages = {"sft": "finetune.sft"}  # stage -> module with main(recipe)
-    import importlib
+    from finetune import stages
 
-    stage = importlib.import_module(stages[recipe.train.stage])
+    recipe = load_recipe(args.recipe, args.overrides)
     _print_recipe(recipe)
-    stage.main(recipe)
+    stages.get(recipe.train.stage).main(recipe)
 
 
 def _validate(args) -> None:

@@ -100,7 +100,7 @@ def _looks_like_prompt_file(path: Path) -> bool:
 
 
 def _read_prompt_file(path: Path, max_prompts: int | None) -> list[dict]:
-    from finetune.data import _check_messages
+    from finetune.data import check_messages
 
     items = []
     with open(path, encoding="utf-8") as f:
@@ -131,7 +131,7 @@ def _read_prompt_file(path: Path, max_prompts: int | None) -> list[dict]:
                 has_answer = isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant"
                 # The data checks expect a conversation that ends with an answer; a prompt ends before it.
                 placeholder = [] if has_answer else [{"role": "assistant", "content": "(answer)"}]
-                problem = _check_messages([*messages, *placeholder])
+                problem = check_messages([*messages, *placeholder])
                 if problem:
                     raise FinetuneError(f"{where}: {problem}")
                 if has_answer:

@@ -1,6 +1,11 @@
 """Datasets: the datasets_cfg/ registry, row checks, conversion to chat messages, tokenization with loss
 masks, train/held-out overlap, and a cache keyed by content, tokenizer and template.
 
+Each stage reads rows in its own shape over the same sources and row rules (`ROW_SHAPES`):
+conversations (sft), preference pairs (reward, dpo: `format: preference`), unpaired examples (kto:
+`format: unpaired_preference`) and prompts with a reference answer (grpo, rloo: any chat format, the last
+assistant turn being the reference).
+
 A dataset YAML (`datasets_cfg/NAME.yaml`) names its files per split (or a hub id), its format and its
 column names. Every row is checked before training: strict mode stops at the first malformed row with the
 file, row and reason; lenient mode skips malformed rows, counts them per reason, and fails when more than
@@ -22,9 +27,10 @@ from pathlib import Path
 
 from finetune.errors import FinetuneError
 from finetune.files import file_lock, home_dir, staged_dir, write_json
-from finetune.recipe import _build, _f, read_yaml_mapping
+from finetune.recipe import build_section, field_spec, read_yaml_mapping
 
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference")
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "unpaired_preference")
+CHAT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
 FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -42,16 +48,16 @@ def datasets_dir() -> Path:
 
 @dataclass
 class DatasetSpec:
-    description: str = _f("", "What the data is and what it teaches.")
-    license: str = _f("", "License of the data.")
-    files: dict[str, str] = _f({}, "Split name -> data file (relative to this YAML) for local data.")
-    hub: str | None = _f(None, "Hub dataset id, read with datasets.load_dataset (needs network).")
-    hub_splits: dict[str, str] = _f({}, "Our split name -> the hub dataset's split name.")
-    type: str | None = _f(None, "File type; inferred from the extension.", (None, "jsonl", "json", "csv", "parquet"))
-    format: str = _f("messages", "Row format.", FORMATS)
-    columns: dict[str, str] = _f({}, "Standard field -> column name, e.g. {messages: conversations}.")
-    max_rows: int | None = _f(None, "Read at most this many rows per split.", minimum=1)
-    adherence_regex: str | None = _f(None, "What a well-formed answer looks like (used when scoring outputs).")
+    description: str = field_spec("", "What the data is and what it teaches.")
+    license: str = field_spec("", "License of the data.")
+    files: dict[str, str] = field_spec({}, "Split name -> data file (relative to this YAML) for local data.")
+    hub: str | None = field_spec(None, "Hub dataset id, read with datasets.load_dataset (needs network).")
+    hub_splits: dict[str, str] = field_spec({}, "Our split name -> the hub dataset's split name.")
+    type: str | None = field_spec(None, "File type; inferred from the extension.", (None, "jsonl", "json", "csv", "parquet"))
+    format: str = field_spec("messages", "Row format.", FORMATS)
+    columns: dict[str, str] = field_spec({}, "Standard field -> column name, e.g. {messages: conversations}.")
+    max_rows: int | None = field_spec(None, "Read at most this many rows per split.", minimum=1)
+    adherence_regex: str | None = field_spec(None, "What a well-formed answer looks like (used when scoring outputs).")
     source: str = field(default="", metadata={"internal": True})
 
 
@@ -69,7 +75,7 @@ def load_spec(name: str) -> DatasetSpec:
             known = sorted(p.stem for p in datasets_dir().glob("*.yaml"))
             raise FinetuneError(f"dataset '{name}' not found: no {path}; known datasets: {', '.join(known) or 'none'}")
     data = read_yaml_mapping(path, "a dataset YAML is a mapping (files, format, columns, ...)")
-    spec = _build(DatasetSpec, data, "", str(path))
+    spec = build_section(DatasetSpec, data, "", str(path))
     spec.source = str(path)
     spec.files = {split: str((path.parent / f).resolve()) for split, f in spec.files.items()}
     if not spec.files and not spec.hub:
@@ -97,6 +103,7 @@ def _guess_format(path: Path) -> str:
         raise FinetuneError(f"{path}: cannot read its first row to tell the format: {e}") from None
     for fmt, need in [
         ("messages", {"messages"}), ("sharegpt", {"conversations"}), ("preference", {"chosen", "rejected"}),
+        ("unpaired_preference", {"completion", "label"}),
         ("alpaca", {"instruction", "output"}), ("prompt_completion", {"prompt", "completion"}), ("text", {"text"}),
     ]:
         if need <= keys:
@@ -167,7 +174,7 @@ def _col(spec: DatasetSpec, std: str) -> str:
     return spec.columns.get(std, std)
 
 
-def _check_messages(messages) -> str | None:
+def check_messages(messages) -> str | None:
     if not isinstance(messages, list) or not messages:
         return "messages is not a non-empty list"
     for i, m in enumerate(messages):
@@ -232,8 +239,104 @@ def to_messages(spec: DatasetSpec, row) -> list[dict] | str:
             return RowError(f"format '{fmt}' holds preference pairs; it is for the dpo/reward stages, not sft")
     except KeyError as e:
         return RowError(f"missing field {e}")
-    problem = _check_messages(messages)
+    problem = check_messages(messages)
     return RowError(problem) if problem else messages
+
+
+def _as_turns(value, role: str, what: str) -> list[dict] | RowError:
+    """A field given as text or as a list of messages, as a list of messages."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}] if value.strip() else RowError(f"empty {what}")
+    if not isinstance(value, list) or not value:
+        return RowError(f"{what} is neither text nor a non-empty list of messages")
+    for m in value:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+            return RowError(f"{what} holds a message without a known role and text content")
+    if not "".join(m["content"] for m in value).strip():
+        return RowError(f"empty {what}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _prompt_of(spec: DatasetSpec, row: dict) -> list[dict] | RowError:
+    prompt = row.get(_col(spec, "prompt"))
+    if prompt is None or prompt == [] or (isinstance(prompt, str) and not prompt.strip()):
+        return RowError("no prompt")
+    turns = _as_turns(prompt, "user", "prompt")
+    if not isinstance(turns, RowError) and turns[-1]["role"] == "assistant":
+        return RowError("prompt ends with an assistant turn")
+    return turns
+
+
+def to_preference(spec: DatasetSpec, row) -> dict | RowError:
+    """A preference row as TRL's conversational pair: prompt, chosen and rejected message lists, plus its kind
+    (the `rejection_type` column where there is one, for per-type accuracy)."""
+    if isinstance(row, RowError):
+        return row
+    if not isinstance(row, dict):
+        return RowError("row is not an object")
+    prompt = _prompt_of(spec, row)
+    if isinstance(prompt, RowError):
+        return prompt
+    pair = {"prompt": prompt}
+    for side in ("chosen", "rejected"):
+        if _col(spec, side) not in row:
+            return RowError(f"missing field '{_col(spec, side)}'")
+        turns = _as_turns(row[_col(spec, side)], "assistant", side)
+        if isinstance(turns, RowError):
+            return turns
+        if turns[0]["role"] != "assistant":
+            return RowError(f"{side} does not start with an assistant turn")
+        pair[side] = turns
+    if pair["chosen"] == pair["rejected"]:
+        return RowError("chosen == rejected")
+    pair["kind"] = str(row.get(_col(spec, "rejection_type")) or "")
+    return pair
+
+
+def to_unpaired(spec: DatasetSpec, row) -> dict | RowError:
+    """An unpaired row (KTO): prompt, one completion, and whether it is desirable (label true/false)."""
+    if isinstance(row, RowError):
+        return row
+    if not isinstance(row, dict):
+        return RowError("row is not an object")
+    prompt = _prompt_of(spec, row)
+    if isinstance(prompt, RowError):
+        return prompt
+    if _col(spec, "completion") not in row:
+        return RowError(f"missing field '{_col(spec, 'completion')}'")
+    completion = _as_turns(row[_col(spec, "completion")], "assistant", "completion")
+    if isinstance(completion, RowError):
+        return completion
+    label = row.get(_col(spec, "label"))
+    if not isinstance(label, bool):
+        return RowError(f"label is {label!r}, not true or false")
+    return {"prompt": prompt, "completion": completion, "label": label,
+            "kind": str(row.get(_col(spec, "rejection_type")) or "")}
+
+
+def to_prompt(spec: DatasetSpec, row) -> dict | RowError:
+    """A prompt for online RL (grpo, rloo): everything before the last assistant turn of a chat row, with that
+    turn as the reference answer that rule rewards compare against, and the dataset's adherence_regex."""
+    messages = to_messages(spec, row)
+    if isinstance(messages, RowError):
+        return messages
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    if last == 0:
+        return RowError("no prompt before the assistant turn")
+    return {"prompt": messages[:last], "reference": messages[last]["content"], "pattern": spec.adherence_regex or ""}
+
+
+# What each row shape is made from: stage data shape -> (formats it accepts, converter, what the stage needs).
+ROW_SHAPES = {
+    "conversation": (CHAT_FORMATS + ("text",), to_messages, "conversations (messages, sharegpt, alpaca, "
+                                                            "prompt_completion or text)"),
+    "preference": (("preference",), to_preference, "preference pairs (format: preference, with prompt, chosen, "
+                                                   "rejected)"),
+    "unpaired": (("unpaired_preference",), to_unpaired, "unpaired examples (format: unpaired_preference, with "
+                                                       "prompt, completion, label)"),
+    "prompt": (CHAT_FORMATS, to_prompt, "chat rows whose last assistant turn is the reference answer (messages, "
+                                        "sharegpt, alpaca or prompt_completion)"),
+}
 
 
 # ----------------------------------------------------------------------------- tokenization
@@ -312,14 +415,21 @@ class Prepared:
     first_example: object  # the first training conversation, for `validate`
 
 
-def _load_split(ref, tokenizer, templates, data_cfg, seed: int) -> tuple[list, dict, dict]:
-    """Rows of one recipe dataset entry: checked, converted, weighted, tokenized; with counts."""
+def read_checked(ref, data_cfg, seed: int, shape: str = "conversation", stage: str = "sft"):
+    """Rows of one recipe dataset entry: read, converted to the stage's row shape, checked (strict or lenient),
+    weighted. Returns (rows, reasons for dropped rows, rows read, {file: sha256})."""
     spec = load_spec(ref.name)
+    formats, convert, needs = ROW_SHAPES[shape]
+    if spec.format not in formats:
+        raise FinetuneError(
+            f"{spec.source}: format {spec.format} does not fit stage {stage}, which trains on {needs}; pick a "
+            "dataset of that format (see datasets_cfg/) or another stage"
+        )
     raw, digest = read_rows(spec, ref.split, ref.max_rows)
     where = spec.files.get(ref.split, spec.hub or spec.source)
     kept, reasons = [], Counter()
     for rowno, row in raw:
-        converted = to_messages(spec, row)
+        converted = convert(spec, row)
         if isinstance(converted, RowError):
             if data_cfg.strict:
                 raise FinetuneError(
@@ -345,6 +455,12 @@ def _load_split(ref, tokenizer, templates, data_cfg, seed: int) -> tuple[list, d
     order = list(range(len(kept)))
     rng.shuffle(order)
     picked = [kept[i] for i in (order * (target // max(1, len(kept)) + 1))[:target]] if ref.weight != 1 else kept
+    return picked, reasons, len(raw), {where: digest}
+
+
+def _load_split(ref, tokenizer, templates, data_cfg, seed: int) -> tuple[list, dict, dict]:
+    """Rows of one recipe dataset entry: checked, converted, weighted, tokenized; with counts."""
+    picked, reasons, rows_read, digest = read_checked(ref, data_cfg, seed)
     rows, truncated = [], 0
     for example in picked:
         tok = tokenize(example, tokenizer, templates.training, data_cfg.max_length, data_cfg.assistant_only_loss)
@@ -356,11 +472,11 @@ def _load_split(ref, tokenizer, templates, data_cfg, seed: int) -> tuple[list, d
             continue
         rows.append({"input_ids": tok["input_ids"], "labels": tok["labels"], "prompt": prompt_text(example)})
     stats = {
-        "dataset": ref.name, "split": ref.split, "rows_read": len(raw), "rows": len(rows), "truncated": truncated,
+        "dataset": ref.name, "split": ref.split, "rows_read": rows_read, "rows": len(rows), "truncated": truncated,
         "dropped": dict(reasons), "tokens": sum(len(r["input_ids"]) for r in rows),
         "trained_tokens": sum(sum(1 for x in r["labels"] if x != -100) for r in rows),
     }
-    return rows, stats, {where: digest}, (picked[0] if picked else None)
+    return rows, stats, digest, (picked[0] if picked else None)
 
 
 def _fingerprint(tokenizer) -> str:
@@ -432,3 +548,30 @@ def _build_cache_entry(entry: Path, data_cfg, tokenizer, templates, seed: int) -
         if eval_rows:
             datasets.Dataset.from_dict(columns(eval_rows)).save_to_disk(str(tmp / "eval"))
         write_json(tmp / "stats.json", {"stats": stats, "hashes": hashes, "first_example": first})
+
+
+def prepare_rows(data_cfg, shape: str, stage: str, seed: int = 42) -> Prepared:
+    """Training and held-out rows of a non-SFT stage, checked and converted to its row shape (TRL's conversational
+    dataset formats), with the same statistics and overlap report as SFT. TRL tokenizes them."""
+    import datasets
+
+    splits, per_dataset, hashes = {"train": [], "eval": []}, [], {}
+    for which, refs in (("train", data_cfg.datasets), ("eval", data_cfg.eval_datasets)):
+        for ref in refs:
+            rows, reasons, rows_read, digest = read_checked(ref, data_cfg, seed, shape, stage)
+            splits[which] += rows
+            hashes.update(digest)
+            per_dataset.append({"dataset": ref.name, "split": ref.split, "rows_read": rows_read, "rows": len(rows),
+                                "dropped": dict(reasons), **({"held_out": True} if which == "eval" else {})})
+    if not splits["train"]:
+        counts = "; ".join(f"{s['dataset']}:{s['split']} read {s['rows_read']}, dropped {s['dropped']}" for s in per_dataset)
+        raise FinetuneError(f"no training rows left after checks ({counts}); see `finetune validate`")
+    prompt = lambda row: prompt_text([*row["prompt"], {"role": "assistant", "content": ""}])  # noqa: E731
+    overlap = (find_overlap([prompt(r) for r in splits["train"]], [prompt(r) for r in splits["eval"]])
+               if splits["eval"] else None)
+    stats = {"train_rows": len(splits["train"]), "eval_rows": len(splits["eval"]), "truncated": 0,
+             "dropped": sum(sum(s["dropped"].values()) for s in per_dataset), "overlap": overlap,
+             "datasets": per_dataset}
+    train = datasets.Dataset.from_list(splits["train"])
+    eval_ds = datasets.Dataset.from_list(splits["eval"]) if splits["eval"] else None
+    return Prepared(train, eval_ds, stats, hashes, splits["train"][0])

@@ -157,7 +157,7 @@ def _read_json(path: Path) -> dict:
 def _load_run(run_dir: Path, dtype: str):
     """Base + adapter of a run directory, the base loaded as it was trained (quantization included)."""
     from finetune import models
-    from finetune.recipe import ModelConfig, QuantizationConfig, _build
+    from finetune.recipe import ModelConfig, QuantizationConfig, build_section
     from finetune.rundir import read_run
 
     run = read_run(run_dir)
@@ -168,8 +168,8 @@ def _load_run(run_dir: Path, dtype: str):
         raise FinetuneError(f"run directory {run_dir} has no adapter/ folder (run status: {status}){hint}")
     recipe = run.get("recipe") or {}
     source = str(run_dir / "run.json")
-    model_cfg = _build(ModelConfig, recipe.get("model") or {}, "model", source)
-    quant_cfg = _build(QuantizationConfig, recipe.get("quantization") or {}, "quantization", source)
+    model_cfg = build_section(ModelConfig, recipe.get("model") or {}, "model", source)
+    quant_cfg = build_section(QuantizationConfig, recipe.get("quantization") or {}, "quantization", source)
     base = run.get("base_model") or {}
     base_path = base.get("path")
     if not base_path or not Path(base_path).is_dir():

@@ -128,10 +128,24 @@ def guard_bnb_cpu(model) -> int:
     return guarded
 
 
-def load_model(model_cfg, quant_cfg=None, path: str | None = None, dtype: torch.dtype | None = None):
-    """Load the base model as the recipe says (dtype, attention, 4/8-bit), safetensors only."""
-    from transformers import AutoModelForCausalLM
+# The model class of each task: a causal LM generates; a sequence classifier with one output is a reward model.
+def auto_class(task: str = "causal_lm"):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    return {"causal_lm": AutoModelForCausalLM, "seq_cls": AutoModelForSequenceClassification}[task]
+
+
+def model_config(section: dict):
+    """The recipe's `model` section as recorded in run.json, as a typed ModelConfig (unknown keys refused)."""
+    from finetune.recipe import ModelConfig, build_section
+
+    return build_section(ModelConfig, section or {}, "model", "run.json")
+
+
+def load_model(model_cfg, quant_cfg=None, path: str | None = None, dtype: torch.dtype | None = None,
+               task: str = "causal_lm"):
+    """Load the base model as the recipe says (dtype, attention, 4/8-bit), safetensors only. `task` seq_cls loads
+    a sequence classifier with one output (a reward model; its score head starts random)."""
     path = path or resolve_model(model_cfg.name)
     dtype = dtype or resolve_dtype(model_cfg.dtype)
     kwargs = dict(
@@ -147,8 +161,10 @@ def load_model(model_cfg, quant_cfg=None, path: str | None = None, dtype: torch.
         kwargs["quantization_config"] = bnb_config(quant_cfg.bits, quant_cfg.quant_type, quant_cfg.double_quant, compute)
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    if task == "seq_cls":
+        kwargs["num_labels"] = 1
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = auto_class(task).from_pretrained(path, **kwargs)
     except OSError as e:
         raise FinetuneError(f"could not load model '{path}': {e}") from None
     guard_bnb_cpu(model)
@@ -164,8 +180,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         raise FinetuneError(f"could not load the tokenizer of '{path}': {e}") from None
 
 
-def lora_config(adapter_cfg, trainable_token_indices: list[int] | None = None):
-    """A peft LoraConfig from the recipe's adapter section (None for full fine-tuning)."""
+def lora_config(adapter_cfg, trainable_token_indices: list[int] | None = None, task: str = "causal_lm"):
+    """A peft LoraConfig from the recipe's adapter section (None for full fine-tuning). For a sequence classifier
+    (SEQ_CLS) peft trains and saves the score head in full beside the adapter."""
     if adapter_cfg.type == "none":
         return None
     from peft import LoraConfig
@@ -185,5 +202,5 @@ def lora_config(adapter_cfg, trainable_token_indices: list[int] | None = None):
         use_rslora=adapter_cfg.use_rslora,
         modules_to_save=modules_to_save or None,
         trainable_token_indices={"embed_tokens": trainable_token_indices} if trainable_token_indices else None,
-        task_type="CAUSAL_LM",
+        task_type={"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}[task],
     )

@@ -4,7 +4,8 @@ A recipe is a YAML file with the sections `model`, `quantization`, `adapter`, `d
 top-level keys `output_dir`, `overwrite` and `seed`. Every key is checked when the recipe is loaded:
 unknown keys name the closest valid key, values are converted to the field's type (YAML reads `3e-4`
 as a string), enums and ranges are checked, contradictions are refused. Keys under `train` are the
-fields of the stage's TRL config (`trl.SFTConfig` for `stage: sft`), checked the same way.
+fields of the stage's TRL config (`trl.SFTConfig` for `stage: sft`, `trl.DPOConfig` for `stage: dpo`, ...;
+see finetune/stages/), checked the same way. `rewards` names the reward sources of the grpo/rloo stages.
 
 Command-line overrides use dotted keys: `adapter.r=32 train.max_steps=2 output_dir=runs/x`.
 """
@@ -22,12 +23,14 @@ from typing import Any
 
 import yaml
 
+from finetune import stages
 from finetune.errors import FinetuneError
+from finetune.stages import STAGES
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
-def _f(default, help, choices=None, minimum=None, maximum=None):
+def field_spec(default, help, choices=None, minimum=None, maximum=None):
     """A dataclass field with help text and optional checks (lists get a fresh copy per instance)."""
     meta = {"help": help, "choices": choices, "min": minimum, "max": maximum}
     if isinstance(default, (list, dict)):
@@ -37,61 +40,70 @@ def _f(default, help, choices=None, minimum=None, maximum=None):
 
 @dataclass
 class ModelConfig:
-    name: str = _f("embedded:smollm2-135m", "Base model: a local HF folder, a hub id, or embedded:smollm2-135m.")
-    revision: str | None = _f(None, "Hub revision (branch, tag or commit) when `name` is a hub id.")
-    dtype: str = _f("auto", "Dtype of the frozen base weights; auto = bf16 where the hardware has it, else fp32.", DTYPES)
-    attn_implementation: str = _f("sdpa", "Attention kernel.", ("sdpa", "eager", "flash_attention_2"))
-    trust_remote_code: bool = _f(False, "Run Python code shipped with a hub model. Off unless you trust it.")
+    name: str = field_spec("embedded:smollm2-135m", "Base model: a local HF folder, a hub id, or embedded:smollm2-135m.")
+    revision: str | None = field_spec(None, "Hub revision (branch, tag or commit) when `name` is a hub id.")
+    dtype: str = field_spec("auto", "Dtype of the frozen base weights; auto = bf16 where the hardware has it, else fp32.", DTYPES)
+    attn_implementation: str = field_spec("sdpa", "Attention kernel.", ("sdpa", "eager", "flash_attention_2"))
+    trust_remote_code: bool = field_spec(False, "Run Python code shipped with a hub model. Off unless you trust it.")
+    init_from: str | None = field_spec(None, "A completed run directory whose adapter this run continues training (e.g. DPO after "
+                                     "SFT); its model (base + adapter) is the frozen reference where the stage has one.")
 
 
 @dataclass
 class QuantizationConfig:
-    bits: int | None = _f(None, "Load the base in 4 or 8 bits with bitsandbytes (QLoRA); null = no quantization.", (None, 4, 8))
-    quant_type: str = _f("nf4", "4-bit data type.", ("nf4", "fp4"))
-    double_quant: bool = _f(True, "Quantize the 4-bit scales too (saves ~0.4 bit per weight).")
-    compute_dtype: str = _f("auto", "Dtype the 4-bit matmuls compute in; auto follows model.dtype.", DTYPES)
+    bits: int | None = field_spec(None, "Load the base in 4 or 8 bits with bitsandbytes (QLoRA); null = no quantization.", (None, 4, 8))
+    quant_type: str = field_spec("nf4", "4-bit data type.", ("nf4", "fp4"))
+    double_quant: bool = field_spec(True, "Quantize the 4-bit scales too (saves ~0.4 bit per weight).")
+    compute_dtype: str = field_spec("auto", "Dtype the 4-bit matmuls compute in; auto follows model.dtype.", DTYPES)
 
 
 @dataclass
 class AdapterConfig:
-    type: str = _f("lora", "lora trains low-rank adapters; none trains every weight (full fine-tuning).", ("lora", "none"))
-    r: int = _f(16, "LoRA rank.", minimum=1)
-    alpha: int = _f(32, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with use_rslora).", minimum=1)
-    dropout: float = _f(0.05, "Dropout on the LoRA input.", minimum=0.0, maximum=1.0)
-    target_modules: list[str] = _f(["all-linear"], "Modules to adapt: names, or all-linear for every linear layer but the head.")
-    use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
-    use_rslora: bool = _f(False, "Rank-stabilised scaling alpha/sqrt(r).")
-    modules_to_save: list[str] = _f([], "Modules trained in full and saved with the adapter (e.g. lm_head, embed_tokens).")
-    dtype: str = _f("fp32", "Dtype of the adapter weights (and so of their optimizer state).", ("fp32", "bf16"))
+    type: str = field_spec("lora", "lora trains low-rank adapters; none trains every weight (full fine-tuning).", ("lora", "none"))
+    r: int = field_spec(16, "LoRA rank.", minimum=1)
+    alpha: int = field_spec(32, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with use_rslora).", minimum=1)
+    dropout: float = field_spec(0.05, "Dropout on the LoRA input.", minimum=0.0, maximum=1.0)
+    target_modules: list[str] = field_spec(["all-linear"], "Modules to adapt: names, or all-linear for every linear layer but the head.")
+    use_dora: bool = field_spec(False, "Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = field_spec(False, "Rank-stabilised scaling alpha/sqrt(r).")
+    modules_to_save: list[str] = field_spec([], "Modules trained in full and saved with the adapter (e.g. lm_head, embed_tokens).")
+    dtype: str = field_spec("fp32", "Dtype of the adapter weights (and so of their optimizer state).", ("fp32", "bf16"))
 
 
 @dataclass
 class DatasetRef:
-    name: str = _f("", "A datasets_cfg/ name, a path to a dataset YAML, or a data file (.jsonl/.json/.csv/.parquet).")
-    split: str = _f("train", "Which split of the dataset YAML to read.")
-    weight: float = _f(1.0, "Mixture weight: keeps round(weight * rows) rows, repeating rows when above 1.", minimum=0.0)
-    max_rows: int | None = _f(None, "Read at most this many rows (before weighting).", minimum=1)
+    name: str = field_spec("", "A datasets_cfg/ name, a path to a dataset YAML, or a data file (.jsonl/.json/.csv/.parquet).")
+    split: str = field_spec("train", "Which split of the dataset YAML to read.")
+    weight: float = field_spec(1.0, "Mixture weight: keeps round(weight * rows) rows, repeating rows when above 1.", minimum=0.0)
+    max_rows: int | None = field_spec(None, "Read at most this many rows (before weighting).", minimum=1)
 
 
 @dataclass
 class DataConfig:
-    datasets: list[DatasetRef] = _f([], "Training datasets.")
-    eval_datasets: list[DatasetRef] = _f([], "Held-out datasets for eval loss and the overlap check.")
-    chat_template: str = _f("auto", "Training chat template: auto (from the model), smollm2, chatml, qwen2_5, llama3, or a .jinja path.")
-    max_length: int = _f(512, "Tokens per sequence (per packed row when packing).", minimum=8)
-    packing: bool = _f(True, "Pack several rows per sequence, kept apart by position ids (exact, no cross-attention).")
-    assistant_only_loss: bool = _f(True, "Train only on assistant tokens and their end-of-turn tokens.")
-    strict: bool = _f(True, "Stop at the first malformed row; false skips them (counted per reason).")
-    max_drop_fraction: float = _f(0.01, "In lenient mode, fail when more than this share of rows is dropped.", minimum=0.0, maximum=1.0)
-    cache_dir: str | None = _f(None, "Processed-data cache; default $FINETUNE_HOME/data (~/.cache/finetune/data).")
+    datasets: list[DatasetRef] = field_spec([], "Training datasets.")
+    eval_datasets: list[DatasetRef] = field_spec([], "Held-out datasets for eval loss and the overlap check.")
+    chat_template: str = field_spec("auto", "Training chat template: auto (from the model), smollm2, chatml, qwen2_5, llama3, or a .jinja path.")
+    max_length: int = field_spec(512, "Tokens per sequence (per packed row when packing).", minimum=8)
+    packing: bool = field_spec(True, "Pack several rows per sequence, kept apart by position ids (exact, no cross-attention).")
+    assistant_only_loss: bool = field_spec(True, "Train only on assistant tokens and their end-of-turn tokens.")
+    strict: bool = field_spec(True, "Stop at the first malformed row; false skips them (counted per reason).")
+    max_drop_fraction: float = field_spec(0.01, "In lenient mode, fail when more than this share of rows is dropped.", minimum=0.0, maximum=1.0)
+    cache_dir: str | None = field_spec(None, "Processed-data cache; default $FINETUNE_HOME/data (~/.cache/finetune/data).")
 
 
 @dataclass
 class TrainConfig:
-    stage: str = _f("sft", "Training stage.", ("sft",))
-    resume: bool = _f(False, "Continue from the last checkpoint in output_dir.")
+    stage: str = field_spec("sft", "Training stage (finetune/stages/).", tuple(STAGES))
+    resume: bool = field_spec(False, "Continue from the last checkpoint in output_dir.")
     # Everything else under `train` is a field of the stage's TRL config, kept here after checking.
-    args: dict[str, Any] = _f({}, "Arguments of the stage's TRL config.")
+    args: dict[str, Any] = field_spec({}, "Arguments of the stage's TRL config.")
+
+
+@dataclass
+class RewardSource:
+    function: str | None = field_spec(None, "A rule reward by name (finetune/rewards.py): exact_match, format, length, ...")
+    model: str | None = field_spec(None, "A reward model: a `stage: reward` run directory or an exported reward model folder.")
+    weight: float = field_spec(1.0, "Weight of this reward in the sum the policy maximises.")
 
 
 @dataclass
@@ -101,9 +113,10 @@ class Recipe:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    output_dir: str = _f("", "Run directory. Refused if it exists, unless train.resume or overwrite.")
-    overwrite: bool = _f(False, "Replace an existing output_dir.")
-    seed: int = _f(42, "Seed for data order, adapter init and training.")
+    rewards: list[RewardSource] = field_spec([], "Reward sources of the grpo and rloo stages, each a function or a model, weighted.")
+    output_dir: str = field_spec("", "Run directory. Refused if it exists, unless train.resume or overwrite.")
+    overwrite: bool = field_spec(False, "Replace an existing output_dir.")
+    seed: int = field_spec(42, "Seed for data order, adapter init and training.")
     source: str = field(default="<recipe>", metadata={"internal": True})
 
     def to_dict(self) -> dict:
@@ -117,13 +130,12 @@ class Recipe:
 
 # The TRL config class of each stage. Keys under `train` are checked against its fields.
 def stage_config_class(stage: str):
-    from trl import SFTConfig
-
-    return {"sft": SFTConfig}[stage]
+    return stages.config_class(stage)
 
 
-# Keys of the TRL config that the recipe sets elsewhere, so there is one place for each setting.
-_OWNED_ELSEWHERE = {
+# Keys of the TRL config that the recipe sets elsewhere, so there is one place for each setting (each stage's
+# module adds its own in OWNS).
+OWNED_ELSEWHERE = {
     "output_dir": "output_dir (top level)",
     "seed": "seed (top level)",
     "max_length": "data.max_length",
@@ -134,6 +146,7 @@ _OWNED_ELSEWHERE = {
     "model_init_kwargs": "the model section",
     "trust_remote_code": "model.trust_remote_code",
     "hub_token": "the HF_TOKEN environment variable (secrets never go in a recipe)",
+    "reward_weights": "rewards[].weight",
 }
 
 # Our defaults for the TRL config, where TRL's own do not fit a LoRA run on a small machine.
@@ -276,7 +289,7 @@ def _bad_value(source: str, key: str, value, why: str) -> FinetuneError:
     return FinetuneError(f"{source}: {key} = {value!r} is invalid: {why}")
 
 
-def _build(cls, data, prefix: str, source: str):
+def build_section(cls, data, prefix: str, source: str):
     """Build dataclass `cls` from a mapping, checking every key, type, enum and range."""
     if data is None:
         data = {}
@@ -292,12 +305,12 @@ def _build(cls, data, prefix: str, source: str):
         tp = hints[key]
         item = typing.get_args(tp)[0] if typing.get_origin(tp) is list and typing.get_args(tp) else None
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, dotted, source)
+            kwargs[key] = build_section(tp, value, dotted, source)
         elif item is not None and dataclasses.is_dataclass(item):
             if not isinstance(value, list):
                 raise _bad_value(source, dotted, value, "expected a list")
             kwargs[key] = [
-                _build(item, {"name": v} if isinstance(v, str) else v, f"{dotted}[{i}]", source)
+                build_section(item, {"name": v} if isinstance(v, str) else v, f"{dotted}[{i}]", source)
                 for i, v in enumerate(value)
             ]
         else:
@@ -325,14 +338,16 @@ def _build_train(data, source: str) -> TrainConfig:
     if not isinstance(data or {}, dict):
         raise _bad_value(source, "train", data, "expected a mapping of keys")
     data = dict(data or {})
-    own = _build(TrainConfig, {k: data.pop(k) for k in ("stage", "resume") if k in data}, "train", source)
+    own = build_section(TrainConfig, {k: data.pop(k) for k in ("stage", "resume") if k in data}, "train", source)
     config_cls = stage_config_class(own.stage)
     fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
     hints = typing.get_type_hints(config_cls)
-    args = dict(TRAIN_DEFAULTS)
+    stage = stages.get(own.stage)
+    args = {**TRAIN_DEFAULTS, **getattr(stage, "DEFAULTS", {})}
+    owned = {**OWNED_ELSEWHERE, **getattr(stage, "OWNS", {})}
     for key, value in data.items():
-        if key in _OWNED_ELSEWHERE:
-            raise FinetuneError(f"{source}: train.{key} is set by {_OWNED_ELSEWHERE[key]}; move it there")
+        if key in owned:
+            raise FinetuneError(f"{source}: train.{key} is set by {owned[key]}; move it there")
         if key not in fields:
             raise _unknown_key(source, f"train.{key}", [*fields, "stage", "resume"])
         try:
@@ -365,10 +380,26 @@ def _check_recipe(r: Recipe) -> None:
     if r.train.resume and r.overwrite:
         raise FinetuneError(f"{src}: train.resume and overwrite are both true; resume keeps output_dir, overwrite deletes it")
     args = r.train.args
+    if r.train.stage in ("grpo", "rloo") and not r.rewards:
+        raise FinetuneError(
+            f"{src}: stage {r.train.stage} needs rewards: add e.g. `rewards: [{{function: exact_match}}]` or "
+            "`rewards: [{model: runs/my-reward-run}]`"
+        )
+    if r.rewards and r.train.stage not in ("grpo", "rloo"):
+        raise FinetuneError(f"{src}: rewards is used by the grpo and rloo stages only, not by stage {r.train.stage}")
+    for i, source in enumerate(r.rewards):
+        if (source.function is None) == (source.model is None):
+            raise FinetuneError(f"{src}: rewards[{i}] needs exactly one of `function` (a rule) or `model` (a reward run)")
+        if source.function is not None:
+            from finetune.rewards import check_function_name
+
+            check_function_name(source.function, f"{src}: rewards[{i}].function")
+    if r.model.init_from and r.adapter.type == "none":
+        raise FinetuneError(f"{src}: model.init_from continues a run's adapter; adapter.type none has none to continue")
     if args.get("max_steps", -1) == 0:
         raise FinetuneError(f"{src}: train.max_steps = 0 trains nothing; use -1 for whole epochs or a positive count")
     strategy = args.get("packing_strategy", "bfd")
-    if r.data.packing and strategy == "wrapped":
+    if r.train.stage == "sft" and r.data.packing and strategy == "wrapped":
         raise FinetuneError(
             f"{src}: train.packing_strategy = wrapped lets one row attend to the end of another; "
             "use bfd (default) or bfd_split"
@@ -411,7 +442,7 @@ def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:
         raise FinetuneError(f"{source}: a recipe is a mapping of sections (model, adapter, data, train, ...)")
     data = dict(data)
     train = _build_train(data.pop("train", None), source)
-    recipe = _build(Recipe, data, "", source)
+    recipe = build_section(Recipe, data, "", source)
     recipe.train = train
     recipe.source = source
     _check_recipe(recipe)

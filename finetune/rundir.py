@@ -120,6 +120,21 @@ def read_run(run_dir: str | Path) -> dict:
         raise FinetuneError(f"{path}: not valid JSON ({e}); the run directory is damaged") from None
 
 
+def read_completed_run(run_dir: str | Path, what: str) -> dict:
+    """run.json of a run that completed and left its adapter (or model) folder, for `what` to build on."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FinetuneError(f"{what} {run_dir} does not exist; give a run directory written by `finetune train`")
+    run = read_run(run_dir)
+    status = run.get("status")
+    if status != "completed":
+        raise FinetuneError(f"{what} {run_dir}: that run's status is {status!r}, not completed; finish it "
+                            "(train.resume=true) or pick a completed run")
+    if not (run_dir / run.get("adapter", "adapter")).is_dir():
+        raise FinetuneError(f"{what} {run_dir}: its adapter/ folder is missing; the run directory is damaged")
+    return run
+
+
 class RunRecord:
     """run.json, written atomically by the main process at start, on every status change and at the end."""
 

@@ -2,9 +2,11 @@
 
     finetune validate RECIPE [key=value ...]
 
-Parses the recipe, loads and checks every dataset row, builds the trainer, and shows the first training
-example as the trainer will see it: taken from its collated batch, trained tokens marked [[like this]].
-Prints dataset statistics (rows, tokens, truncated, dropped, held-out overlap) and exits.
+Parses the recipe, loads and checks every dataset row, builds the stage's TRL config and trainer (whichever
+stage the recipe names), and shows the first training example as the trainer will see it: for SFT taken
+from its collated batch, trained tokens marked [[like this]]; for the other stages the first row in the
+stage's shape (a preference pair, an unpaired example, a prompt with its reference). Prints dataset
+statistics (rows, tokens, truncated, dropped, held-out overlap) and exits.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def main(recipe: Recipe) -> dict:
 
     from finetune.errors import FinetuneError
     from finetune.rundir import check_output_dir
-    from finetune.sft import build
+    from finetune.stages.runner import build
 
     # Would `train` accept output_dir? Say so, but build the trainer in a scratch folder: validate writes nothing.
     try:
@@ -47,8 +49,23 @@ def main(recipe: Recipe) -> dict:
     except FinetuneError as e:
         output_note = f"warning: train would stop here: {e}"
     with tempfile.TemporaryDirectory(prefix="finetune-validate-") as scratch:
-        trainer, prepared, chat, _, state = build(dataclasses.replace(recipe, output_dir=scratch))
-        return _show(recipe, trainer, prepared, chat, state, output_note)
+        built = build(dataclasses.replace(recipe, output_dir=scratch))
+        if recipe.train.stage != "sft":
+            return _show_rows(recipe, built, output_note)
+        return _show(recipe, built.trainer, built.prepared, built.chat, built.state, output_note)
+
+
+def _show_rows(recipe, built, output_note) -> dict:
+    example = json.dumps(built.prepared.first_example, indent=1, ensure_ascii=False)
+    if built.state.is_main_process:
+        print(f"Recipe {recipe.source}: OK (stage {recipe.train.stage}, chat template {built.chat.family}, "
+              f"TRL config {type(built.trainer.args).__name__})")
+        print(f"\nFirst training row, as the {recipe.train.stage} trainer reads it:\n\n{example}")
+        print("\nDataset statistics:")
+        print(json.dumps(built.prepared.stats, indent=2))
+        if output_note:
+            print(output_note)
+    return {"stats": built.prepared.stats, "example": example}
 
 
 def _show(recipe, trainer, prepared, chat, state, output_note) -> dict:

@@ -46,7 +46,7 @@ def tiny(tiny_llama):
 @pytest.fixture(scope="module")
 def tiny_run(tiny_llama, tmp_path_factory):
     """A run directory: 3 LoRA steps on the tiny Llama."""
-    from finetune import sft
+    from finetune.stages import sft
 
     tmp = tmp_path_factory.mktemp("tiny-run")
     data = write_jsonl(tmp / "chats.jsonl", [{"messages": c} for c in CONVERSATIONS] * 4)

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import CONVERSATIONS, build_tiny, tiny_recipe, write_jsonl
-from finetune import export, sft
+from finetune import export
+from finetune.stages import sft
 from finetune.errors import FinetuneError
 
 LONG = {"max_steps": 12, "learning_rate": 3e-2}

@@ -88,13 +88,13 @@ def _expected_mask(tokenizer, conversation):
 @pytest.mark.parametrize("packing", [True, False])
 def test_trained_tokens_of_a_multi_turn_chat_are_exactly_the_assistant_turns(tmp_path, tiny_llama, smol_tokenizer, packing):
     """Taken from the trainer's collated batch; SmolLM2's pad token IS its end-of-turn token (<|im_end|>)."""
-    from finetune.sft import build
+    from finetune.stages.runner import build
 
     assert smol_tokenizer.pad_token_id == smol_tokenizer.convert_tokens_to_ids("<|im_end|>")
     conversation = CONVERSATIONS[1]  # system + two user/assistant exchanges
     data = write_jsonl(tmp_path / "one.jsonl", [{"messages": conversation}, {"messages": CONVERSATIONS[0]}])
     recipe = tiny_recipe(tmp_path, tiny_llama, data, data={"packing": packing}, train={"shuffle_dataset": False})
-    trainer, *_ = build(recipe)
+    trainer = build(recipe).trainer
     batch = next(iter(trainer.get_train_dataloader()))
     want_ids, want_mask = _expected_mask(smol_tokenizer, conversation)
     rows = zip(batch["input_ids"].tolist(), batch["labels"].tolist())
@@ -124,7 +124,7 @@ def test_added_chat_tokens_get_trained_embedding_rows_that_are_saved(tmp_path):
     from safetensors.torch import load_file
 
     from conftest import build_tiny
-    from finetune import sft
+    from finetune.stages import sft
 
     tok = _word_tokenizer()
     model_dir = build_tiny("qwen2", tok, tmp_path / "word-qwen2", tie=False)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import CONVERSATIONS, Snapshot, tiny_recipe, write_jsonl
-from finetune import sft
+from finetune.stages import sft
 from finetune.errors import FinetuneError
 
 

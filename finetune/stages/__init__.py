@@ -1,0 +1,42 @@
+"""Training stages: one file each, over the shared run lifecycle in finetune/stages/runner.py.
+
+A stage module holds only what is its own:
+
+    CONFIG          name of its TRL config class (`train` keys are checked against its fields)
+    TASK            "causal_lm" or "seq_cls": the model class that loads, trains, exports and generates
+    OWNS            TRL config keys that the recipe sets elsewhere for this stage (key -> where)
+    config_kwargs(recipe) -> dict              TRL config values taken from other recipe sections
+    prepare(recipe, tokenizer, chat, seed) -> data.Prepared   its data, checked (and cached where it pays)
+    build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, recipe) -> trainer
+    held_out(trainer, prepared) -> dict        held-out figures, run before and after training
+    summary(before, after, history) -> dict    the stage's own figures for run.json
+    main(recipe)                               train: the runner's lifecycle around this stage
+
+A new stage is one file plus one line in STAGES.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# stage name -> module
+STAGES = {
+    "sft": "finetune.stages.sft",
+    "reward": "finetune.stages.reward",
+    "dpo": "finetune.stages.dpo",
+    "kto": "finetune.stages.kto",
+    "grpo": "finetune.stages.grpo",
+    "rloo": "finetune.stages.rloo",
+}
+
+
+def get(name: str):
+    """The module of a stage (its name is checked by the recipe schema)."""
+    return importlib.import_module(STAGES[name])
+
+
+def config_class(name: str):
+    """The TRL config class whose fields a stage's `train` keys are."""
+    import trl
+
+    return getattr(trl, get(name).CONFIG)

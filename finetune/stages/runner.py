@@ -1,0 +1,315 @@
+"""The run lifecycle every stage shares: what a training run does around its stage's trainer.
+
+    finetune train RECIPE [key=value ...]       (calls train(recipe) for the recipe's train.stage)
+
+1. Check output_dir (first process only, before slow loading).
+2. Build: the stage's TRL config, the base model folder and tokenizer, the chat template, the stage's data,
+   the model (the stage's model class, 4/8-bit as the recipe says) with a fresh adapter, or with the adapter
+   of `model.init_from` to continue, then the stage's trainer.
+3. Replace output_dir (overwrite=true) only now that everything loaded; write run.json (status running).
+4. Held-out figures before, train (SIGINT/SIGTERM: checkpoint and stop), held-out figures after.
+5. Save the adapter (safetensors + tokenizer with the inference template; no pickles), the summary, and
+   run.json with status completed (or failed/interrupted, with the error, on any exception).
+
+The run directory's layout is described in finetune/rundir.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from finetune import models, stages
+from finetune import templates as templates_lib
+from finetune.errors import FinetuneError
+from finetune.recipe import Recipe
+from finetune.rundir import (
+    RunCallback, RunRecord, check_output_dir, clear_output_dir, git_commit, package_versions, plot_losses,
+    read_completed_run,
+)
+
+
+@dataclass
+class Built:
+    """Everything up to a ready trainer; shared by `train` and `validate`."""
+
+    trainer: object
+    prepared: object
+    chat: object
+    callback: RunCallback
+    state: object
+    stage: object  # the stage's module
+    init_run: dict | None  # run.json of model.init_from
+
+
+def trl_config(recipe: Recipe, stage):
+    """The stage's TRL config: the recipe's `train` keys over our defaults, plus keys the recipe owns elsewhere."""
+    dtype = models.resolve_dtype(recipe.model.dtype)
+    args = dict(recipe.train.args)
+    args.setdefault("bf16", dtype == torch.bfloat16)
+    args.setdefault("fp16", dtype == torch.float16 and torch.cuda.is_available())
+    args.setdefault("use_cpu", not torch.cuda.is_available())
+    config_cls = stages.config_class(recipe.train.stage)
+    try:
+        return config_cls(output_dir=str(Path(recipe.output_dir) / "checkpoints"), seed=recipe.seed,
+                          **stage.config_kwargs(recipe), **args)
+    except ValueError as e:  # TRL/transformers' own range and combination checks
+        raise FinetuneError(f"{recipe.source}: train: {e}") from None
+
+
+def build(recipe: Recipe, callbacks=()) -> Built:
+    from accelerate import PartialState
+
+    stage = stages.get(recipe.train.stage)
+    # --- Trainer arguments first: under accelerate, the process rank is known only once they exist.
+    args = trl_config(recipe, stage)
+    state = PartialState()
+    init = _init_run(recipe)
+
+    # --- Model folder and tokenizer (a continued run's, with its chat tokens). The main process converts the
+    # embedded model; the others wait.
+    with state.main_process_first():
+        model_path = models.resolve_model(recipe.model.name)
+    init_adapter = Path(recipe.model.init_from) / init.get("adapter", "adapter") if init else None
+    tokenizer = models.load_tokenizer(str(init_adapter or model_path), recipe.model.trust_remote_code)
+    try:
+        chat = templates_lib.resolve(tokenizer, recipe.data.chat_template, recipe.data.assistant_only_loss)
+    except FinetuneError as e:
+        raise FinetuneError(f"{recipe.source}: {e}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # labels are padded with -100, so EOS stays trained
+    # TRL renders preference and prompt rows with the tokenizer's template; the adapter is saved with it too.
+    tokenizer.chat_template = chat.inference
+
+    # --- Data: checked and converted to the stage's rows (built once, by the main process).
+    with state.main_process_first():
+        prepared = stage.prepare(recipe, tokenizer, chat, recipe.seed)
+
+    # --- Model and adapter: a fresh one, or the adapter of init_from, trained further.
+    model = models.load_model(recipe.model, recipe.quantization, model_path, task=stage.TASK)
+    new_token_ids = None
+    if chat.added_tokens:
+        if getattr(model.config, "tie_word_embeddings", False) and recipe.adapter.type == "lora":
+            # peft wraps a tied head in a trainable-tokens layer that TRL's fused loss cannot read (no .bias).
+            raise FinetuneError(
+                f"{recipe.source}: the model ties its head to its embeddings and its vocabulary lacks the chat "
+                f"tokens {chat.added_tokens}; training new token rows on a tied head is not supported with LoRA. "
+                "Pick a data.chat_template whose tokens the vocabulary has, or use adapter.type: none"
+            )
+        new_token_ids = tokenizer.convert_tokens_to_ids(chat.added_tokens)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    if init_adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+        peft_config = None
+    else:
+        peft_config = models.lora_config(recipe.adapter, new_token_ids, stage.TASK)
+    run_callback = RunCallback(Path(recipe.output_dir), state.is_main_process)
+    try:
+        trainer = stage.build_trainer(model, args, prepared, tokenizer, peft_config, [run_callback, *callbacks], recipe)
+    except ValueError as e:
+        if "target modules" in str(e).lower() or "not found in the base model" in str(e):
+            raise FinetuneError(
+                f"{recipe.source}: adapter.target_modules = {recipe.adapter.target_modules}: {e}. Use module "
+                "names of this model (e.g. q_proj, v_proj) or all-linear"
+            ) from None
+        raise
+    # TRL casts adapters of quantized models to bf16; keep them (and so the optimizer state) as the recipe says.
+    # A reward model's score head (trained in full) stays in the dtype of the hidden states it reads.
+    adapter_dtype = torch.float32 if recipe.adapter.dtype == "fp32" else torch.bfloat16
+    for name, param in trainer.model.named_parameters():
+        if stage.TASK == "seq_cls" and "lora_" not in name:
+            continue
+        if param.requires_grad and param.dtype != adapter_dtype:
+            param.data = param.data.to(adapter_dtype)
+    return Built(trainer, prepared, chat, run_callback, state, stage, init)
+
+
+def _init_run(recipe: Recipe) -> dict | None:
+    """run.json of the run whose adapter this one continues: completed, on the same base."""
+    if not recipe.model.init_from:
+        return None
+    init = read_completed_run(recipe.model.init_from, f"{recipe.source}: model.init_from")
+    if init.get("stage") == "reward" and recipe.train.stage != "reward":
+        raise FinetuneError(f"{recipe.source}: model.init_from {recipe.model.init_from} is a reward model; a "
+                            f"{recipe.train.stage} policy continues a causal-LM run (sft, dpo, kto, grpo, rloo)")
+    if recipe.train.stage == "reward" and init.get("stage") != "reward":
+        raise FinetuneError(f"{recipe.source}: model.init_from {recipe.model.init_from} is a {init.get('stage')} run; "
+                            "a reward model continues only a reward run (its score head)")
+    base = init["base_model"]["name"]
+    if base != recipe.model.name:
+        raise FinetuneError(f"{recipe.source}: model.name = {recipe.model.name!r} but model.init_from "
+                            f"{recipe.model.init_from} was trained on {base!r}; set model.name: {base}")
+    return init
+
+
+def train(recipe: Recipe, callbacks=()) -> Path:
+    run_dir = Path(recipe.output_dir)
+    # Early, before slow loading; by the first process only (RANK is set by accelerate/torchrun before the trainer
+    # exists), since the others may start after rank 0's trainer has made output_dir/checkpoints.
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_output_dir(run_dir, recipe.train.resume, recipe.overwrite, recipe.source)
+    built = build(recipe, callbacks)
+    trainer, state = built.trainer, built.state
+
+    # --- The run directory (checked above): replaced (overwrite=true) only now that the recipe, model and data
+    # have all loaded, so a failing recipe never costs the previous run.
+    if state.is_main_process:
+        if recipe.overwrite:
+            clear_output_dir(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()
+    init = built.init_run
+    chain = [*(init.get("chain") or [{"stage": init["stage"], "run_dir": recipe.model.init_from}])] if init else []
+    record = RunRecord(run_dir, state.is_main_process, {
+        "stage": recipe.train.stage,
+        "recipe": recipe.to_dict(),
+        "recipe_file": recipe.source,
+        "base_model": {"name": recipe.model.name, "path": models.resolve_model(recipe.model.name),
+                       "hub_id": models.hub_id_of(recipe.model.name)},
+        "init_from": {"run_dir": recipe.model.init_from, "stage": init["stage"],
+                      "adapter_sha256": init.get("adapter_sha256")} if init else None,
+        # The stages that trained this run's adapter, oldest first: export merges their one adapter into the base.
+        "chain": [*chain, {"stage": recipe.train.stage, "run_dir": str(run_dir)}],
+        "chat_template": {"family": built.chat.family, "added_tokens": built.chat.added_tokens,
+                          "end_of_turn": _end_of_turn(trainer.processing_class, built.chat)},
+        "data": built.prepared.stats,
+        "dataset_hashes": built.prepared.hashes,
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "world_size": state.num_processes,
+        "device": str(trainer.args.device),
+    })
+    record.update()
+    _print_data_summary(built.prepared.stats, state.is_main_process)
+    try:
+        summary, processes = _train_and_save(built, recipe, run_dir)
+    except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt) or built.callback.interrupted
+        record.update(status="interrupted" if interrupted else "failed", error=f"{type(e).__name__}: {e}",
+                      step=trainer.state.global_step, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        raise
+    finally:
+        built.callback.restore_signal_handlers()
+    record.update(status="completed", summary=summary, processes=processes, adapter="adapter",
+                  adapter_sha256=_adapter_hash(run_dir / "adapter") if state.is_main_process else None,
+                  ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    if state.is_main_process:
+        print(json.dumps(summary, indent=2))
+        print(f"Run directory: {run_dir}\nLoss curve:    {run_dir / 'loss_curve.png'}")
+    return run_dir
+
+
+def _train_and_save(built: Built, recipe: Recipe, run_dir: Path):
+    trainer, prepared, stage, callback, state = built.trainer, built.prepared, built.stage, built.callback, built.state
+    # --- Held-out figures before training, so the run shows what it changed.
+    before = stage.held_out(trainer, prepared)
+
+    # --- Train. SIGINT/SIGTERM save a checkpoint and stop at the end of the current step.
+    callback.install_signal_handlers()
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=True if recipe.train.resume else None)
+    seconds = time.time() - start
+    processes = _per_process_counts(trainer, callback)
+    if callback.interrupted:
+        raise FinetuneError(
+            f"training interrupted by {callback.interrupted} at step {trainer.state.global_step}; a checkpoint "
+            f"is in {run_dir}/checkpoints. Continue with: finetune train {recipe.source} train.resume=true "
+            f"output_dir={run_dir}"
+        )
+
+    # --- Held-out figures after, and the adapter with the model's own inference template.
+    after = stage.held_out(trainer, prepared)
+    if state.is_main_process and after:
+        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")  # now with the final held-out loss
+    adapter_dir = run_dir / "adapter"
+    trainer.processing_class.chat_template = built.chat.inference
+    trainer.save_model(str(adapter_dir))
+    if state.is_main_process:
+        # The Trainer pickles its arguments and peft writes a blank model card; run.json holds both instead,
+        # and the adapter folder stays safetensors + JSON only. TRL's frozen copy of an init_from adapter (its
+        # reference model) is saved as ref/: run.json's init_from names that run instead.
+        (adapter_dir / "training_args.bin").unlink(missing_ok=True)
+        (adapter_dir / "README.md").unlink(missing_ok=True)
+        shutil.rmtree(adapter_dir / "ref", ignore_errors=True)
+
+    history = [row for row in trainer.state.log_history if "loss" in row]
+    rate = callback.tokens_per_second()
+    summary = {
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "train_seconds": round(seconds, 1),
+        "seconds_per_step": round(seconds / max(1, trainer.state.global_step), 2),
+        "train_loss_first": history[0]["loss"] if history else None,
+        "train_loss_last": history[-1]["loss"] if history else None,
+        "train_loss_mean": result.training_loss,
+        **stage.summary(before, after, history),
+        # Input tokens (TRL's count, all processes) per second, from the first to the last logged step.
+        "tokens_per_second": round(rate, 1) if rate else None,
+        "peak_memory_mib": _peak_memory_mib(),
+    }
+    return summary, processes
+
+
+def eval_loss(trainer, prepared) -> dict | None:
+    """Held-out loss (and TRL's other eval metrics): the default held-out figures of a stage."""
+    if prepared.eval is None:
+        return None
+    return {k: v for k, v in trainer.evaluate(metric_key_prefix="eval").items()
+            if isinstance(v, (int, float)) and not k.endswith(("_runtime", "_per_second"))}
+
+
+def _end_of_turn(tokenizer, chat) -> str | None:
+    if not templates_lib.has_markers(chat.training):
+        return None  # a template without markers (assistant_only_loss: false): export falls back to EOS
+    return tokenizer.convert_ids_to_tokens(templates_lib.end_of_turn_token_id(tokenizer, chat.training))
+
+
+def _per_process_counts(trainer, callback) -> list[dict]:
+    """Each process's share: its dataloader's batches per epoch, out of all the epoch's batches, and the steps
+    it ran (gathered to rank 0)."""
+    all_batches = math.ceil(len(trainer.train_dataset) / trainer.args.per_device_train_batch_size)
+    mine = {"batches_per_epoch": len(trainer.get_train_dataloader()), "batches_per_epoch_all": all_batches,
+            "steps": callback.steps_this_process}
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        everyone = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, mine)
+        return [{"rank": i, **row} for i, row in enumerate(everyone)]
+    return [{"rank": 0, **mine}]
+
+
+def _peak_memory_mib() -> float:
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
+def _adapter_hash(adapter_dir: Path) -> str | None:
+    path = adapter_dir / "adapter_model.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def _print_data_summary(stats: dict, is_main: bool) -> None:
+    if not is_main:
+        return
+    overlap = stats.get("overlap") or {}
+    tokens = (f" ({stats['train_tokens']} tokens, {stats['trained_tokens']} trained)"
+              if "train_tokens" in stats else "")
+    print(
+        f"Data: {stats['train_rows']} training rows{tokens}, {stats['eval_rows']} held-out rows; "
+        f"{stats['truncated']} truncated, {stats['dropped']} dropped; held-out overlap: {overlap.get('exact', 0)} "
+        f"exact, {overlap.get('near', 0)} near-duplicate",
+        flush=True,
+    )
