@@ -1,0 +1,155 @@
+"""Rewards for online RL (grpo, rloo) and for scoring answers: rule functions and learned reward models.
+
+    rewards:                              # in a grpo/rloo recipe
+      - {function: exact_match, weight: 1.0}
+      - {model: runs/smollm2-135m-reward, weight: 0.5}
+
+Rule functions take TRL's reward-function arguments (`prompts`, `completions`, and the dataset's columns:
+`reference` is the data row's last assistant turn, `pattern` its dataset's `adherence_regex`) and return one
+float per completion. A reward model is a sequence classifier with one output: a `stage: reward` run
+directory (base + adapter + trained score head, merged here into one plain model, since TRL's GRPO/RLOO set
+up tokenizers and devices only for a PreTrainedModel) or an exported reward model folder. It scores the
+prompt and completion rendered with the chat template it was trained with, exactly as `score` does.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from finetune.errors import FinetuneError
+
+
+def _text(completion) -> str:
+    """A completion as text: TRL passes conversational completions as a list of messages."""
+    if isinstance(completion, list):
+        return "".join(m.get("content", "") for m in completion if isinstance(m, dict))
+    return str(completion)
+
+
+def exact_match(completions, reference, **kwargs) -> list[float]:
+    """1.0 when the answer equals the reference answer (surrounding whitespace ignored), else 0.0."""
+    return [float(_text(c).strip() == str(r).strip()) for c, r in zip(completions, reference)]
+
+
+def format_match(completions, pattern=None, **kwargs) -> list[float]:
+    """1.0 when the whole answer matches the dataset's adherence_regex, else 0.0."""
+    patterns = pattern if isinstance(pattern, list) else [pattern] * len(completions)
+    if any(p is None or p == "" for p in patterns):
+        raise FinetuneError("the format reward needs the dataset's adherence_regex; set it in the dataset YAML")
+    return [float(re.fullmatch(p, _text(c).strip(), flags=re.DOTALL) is not None) for c, p in zip(completions, patterns)]
+
+
+def length(completions, reference, **kwargs) -> list[float]:
+    """1.0 for an answer no longer than the reference, falling linearly to 0.0 at twice its length."""
+    out = []
+    for c, r in zip(completions, reference):
+        n, limit = len(_text(c).strip()), max(1, len(str(r).strip()))
+        out.append(max(0.0, min(1.0, 2.0 - n / limit)))
+    return out
+
+
+def functions() -> dict:
+    """Rule rewards by the name a recipe uses."""
+    return {"exact_match": exact_match, "format": format_match, "length": length}
+
+
+def check_function_name(name: str, where: str) -> None:
+    if name not in functions():
+        raise FinetuneError(f"{where} = {name!r} is not a reward function; known: {', '.join(functions())}")
+
+
+# ----------------------------------------------------------------------------- reward models
+
+
+def load_reward_model(spec: str, dtype=None):
+    """A one-output sequence classifier and its tokenizer, from a reward run directory or a model folder.
+
+    A run's base is loaded in full precision (not as trained in 4 bits) and its adapter and score head merged,
+    so that the result is a plain PreTrainedModel."""
+    import torch
+
+    from finetune import models
+    from finetune.rundir import read_completed_run
+
+    dtype = dtype or torch.float32
+    path = Path(spec).expanduser()
+    if (path / "run.json").is_file():
+        run = read_completed_run(path, what="a reward source")
+        if run.get("stage") != "reward":
+            raise FinetuneError(
+                f"{spec}: run of stage {run.get('stage')!r}, not a reward model; train one with `stage: reward`"
+            )
+        from peft import PeftModel
+
+        adapter_dir = path / run.get("adapter", "adapter")
+        tokenizer = models.load_tokenizer(str(adapter_dir))
+        base = models.load_model(models.model_config(run["recipe"]["model"]), None, run["base_model"]["path"]
+                                 if Path(run["base_model"].get("path") or "").is_dir() else None, dtype=dtype,
+                                 task="seq_cls")
+        if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+            base.resize_token_embeddings(len(tokenizer))
+        model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    else:
+        source = models.resolve_model(spec)
+        config = _config(source, spec)
+        architectures = getattr(config, "architectures", None) or []
+        if getattr(config, "num_labels", None) != 1 or not any(a.endswith("ForSequenceClassification") for a in architectures):
+            raise FinetuneError(
+                f"{spec}: not a reward model: a reward source is a sequence classifier with one output "
+                f"(num_labels 1); this one is {architectures or 'unknown'} with {getattr(config, 'num_labels', '?')} "
+                "outputs. Give a `stage: reward` run directory or its export"
+            )
+        tokenizer = models.load_tokenizer(source)
+        model = models.load_model(models.model_config({"name": source}), None, source, dtype=dtype, task="seq_cls")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return model, tokenizer
+
+
+def _config(source: str, spec: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise FinetuneError(f"{spec}: cannot read the model config: {e}") from None
+
+
+def render(tokenizer, conversation: list[dict]) -> str:
+    """A whole conversation as the reward model reads it: its chat template, no generation prompt."""
+    if isinstance(tokenizer.chat_template, str):
+        return tokenizer.apply_chat_template(conversation, tokenize=False)
+    return "\n\n".join(m["content"] for m in conversation)
+
+
+def score(model, tokenizer, conversations: list[list[dict]], batch_size: int = 16) -> list[float]:
+    """One score per conversation (prompt turns + answer), batched with right padding as TRL's GRPO does."""
+    import torch
+
+    scores = []
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for i in range(0, len(conversations), batch_size):
+            texts = [render(tokenizer, c) for c in conversations[i:i + batch_size]]
+            batch = tokenizer(text=texts, return_tensors="pt", padding=True, padding_side="right",
+                              add_special_tokens=False).to(device)
+            scores += model(**batch).logits[:, 0].float().tolist()
+    return scores
+
+
+def build(sources) -> tuple[list, list, list[float]]:
+    """TRL's reward_funcs, reward_processing_classes and reward_weights for a recipe's `rewards`."""
+    funcs, processing, weights = [], [], []
+    for source in sources:
+        if source.function is not None:
+            funcs.append(functions()[source.function])
+            processing.append(None)
+        else:
+            model, tokenizer = load_reward_model(source.model)
+            funcs.append(model)
+            processing.append(tokenizer)
+        weights.append(source.weight)
+    return funcs, processing, weights

@@ -1,0 +1,28 @@
+"""REINFORCE leave-one-out (RLOO) of a LoRA/QLoRA adapter with TRL's RLOOTrainer: online RL like GRPO.
+
+    finetune train recipes/smollm2-135m/rloo_lora.yaml [key=value ...]
+
+The same data, rewards, generation settings and held-out figures as finetune/stages/grpo.py; each answer's
+baseline is the mean reward of the other answers to its prompt. `train.beta` (TRL's RLOO default 0.05)
+weighs the KL penalty to the reference model.
+"""
+
+from __future__ import annotations
+
+from finetune.stages import runner
+from finetune.stages.grpo import DEFAULTS, OWNS, config_kwargs, held_out, prepare, reward_inputs, summary  # noqa: F401
+
+CONFIG = "RLOOConfig"
+TASK = "causal_lm"
+
+
+def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, recipe):
+    from trl import RLOOTrainer
+
+    return RLOOTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
+                       processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
+                       **reward_inputs(recipe))
+
+
+def main(recipe, callbacks=()):
+    return runner.train(recipe, callbacks)
