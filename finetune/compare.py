@@ -225,32 +225,14 @@ def score_model(name: str, spec: str, prompts: PromptSet, settings: dict, adhere
 
 
 def reward_scores(spec: str, conversations: list[list[dict]], answers: list[str]) -> list[float]:
-    """Score each answer with a reward model (a sequence-classification model with one output): the
-    prompt turns plus the answer, rendered with the reward model's chat template, one logit per row."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
+    """Score each answer with a reward model (a `stage: reward` run directory or a sequence-classification
+    folder with one output): the prompt turns plus the answer, rendered with the reward model's chat template,
+    exactly as GRPO/RLOO score completions (finetune.rewards)."""
+    from finetune import rewards
 
-    from finetune import models
-
-    path = models.resolve_model(spec)
-    tokenizer = models.load_tokenizer(path)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
-    except (OSError, ValueError) as e:
-        raise FinetuneError(f"--reward-model {spec}: cannot load a sequence-classification model: {e}") from None
-    if model.config.num_labels != 1:
-        raise FinetuneError(f"--reward-model {spec}: has {model.config.num_labels} outputs; a reward model has 1")
-    model.eval()
-    scores = []
-    with torch.no_grad():
-        for messages, answer in zip(conversations, answers):
-            conversation = [*messages, {"role": "assistant", "content": answer}]
-            if isinstance(tokenizer.chat_template, str):
-                text = tokenizer.apply_chat_template(conversation, tokenize=False)
-            else:
-                text = "\n\n".join(m["content"] for m in conversation)
-            inputs = tokenizer(text, return_tensors="pt", truncation=True, max_length=2048)
-            scores.append(model(**inputs).logits[0, 0].item())
+    model, tokenizer = rewards.load_reward_model(spec)
+    texts = [[*messages, {"role": "assistant", "content": answer}] for messages, answer in zip(conversations, answers)]
+    scores = rewards.score(model, tokenizer, texts)
     del model
     return scores
 
@@ -313,7 +295,8 @@ def run(args) -> None:
     if args.reward_model:
         from finetune import models as models_lib
 
-        models_lib.resolve_model(args.reward_model)  # a missing folder fails now, not after generation
+        if not (Path(args.reward_model) / "run.json").is_file():
+            models_lib.resolve_model(args.reward_model)  # a missing folder fails now, not after generation
     quiet_libraries()
     apply_threads(args)
     log(f"{len(prompts.items)} prompts from {prompts.source}" + (f" (split {prompts.split})" if prompts.split else ""))

@@ -326,6 +326,19 @@ def to_prompt(spec: DatasetSpec, row) -> dict | RowError:
     return {"prompt": messages[:last], "reference": messages[last]["content"], "pattern": spec.adherence_regex or ""}
 
 
+def conversations_of(spec: DatasetSpec, row) -> list[list[dict]]:
+    """Whole conversations in a row of any chat or preference format (none for a malformed row or plain text):
+    a chat row itself; prompt + chosen and prompt + rejected of a pair; prompt + completion of an unpaired row."""
+    if spec.format == "preference":
+        pair = to_preference(spec, row)
+        return [] if isinstance(pair, RowError) else [pair["prompt"] + pair["chosen"], pair["prompt"] + pair["rejected"]]
+    if spec.format == "unpaired_preference":
+        example = to_unpaired(spec, row)
+        return [] if isinstance(example, RowError) else [example["prompt"] + example["completion"]]
+    messages = to_messages(spec, row)
+    return [messages] if isinstance(messages, list) else []
+
+
 # What each row shape is made from: stage data shape -> (formats it accepts, converter, what the stage needs).
 ROW_SHAPES = {
     "conversation": (CHAT_FORMATS + ("text",), to_messages, "conversations (messages, sharegpt, alpaca, "

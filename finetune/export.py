@@ -18,6 +18,13 @@ published) when agreement < 99.5% or mean KL > 1e-3 (fp32 and bf16 alike), or wh
 the adapter model as the merge noise (the adapter was lost). A stop check then generates greedily on
 held-out prompts and reports how often the model ends with an end-of-turn token.
 
+A reward run (`stage: reward`, a sequence classifier) is merged the same way and gated on scores instead of
+logits: the reloaded folder's scores of held-out conversations (prompt + chosen, prompt + rejected) against
+the adapter model's (max |score difference| <= 0.02 and the same order of every pair of texts whose scores
+differ by more than 0.01); no stop check, since it does not generate. A run trained in a chain (SFT, then
+DPO or GRPO with `model.init_from`) holds one adapter that every stage of the chain trained: it is merged into
+the base the chain started from; export_report.json and the model card name the chain.
+
 An adapter trained on a 4-bit base is merged, by default, into the dequantized 4-bit weights it was trained
 against; `--merge-base original` merges into the full-precision weights instead and reports what it cost.
 The output is written under a temporary name beside the target and renamed into place only when complete
@@ -39,6 +46,10 @@ MIN_STOP_RATE = 0.9
 TIE_TOLERANCE = 0.05
 GATE_CONVERSATIONS = 16
 STOP_PROMPTS = 16
+# Reward models: the largest |score difference| merged vs adapter, and the score gap under which a pair's order
+# may flip (rounding of the export dtype).
+MAX_SCORE_DIFF = 0.02
+SCORE_TIE = 0.01
 
 
 def add_arguments(parser) -> None:
@@ -68,7 +79,7 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
          _after_write=None) -> dict:
     import torch
 
-    from finetune import models
+    from finetune import models, stages
     from finetune.errors import FinetuneError
     from finetune.files import staged_dir, write_json, write_text
     from finetune.rundir import read_run
@@ -83,6 +94,7 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
     _check_target(out, run_dir)
     _remove_stale_partials(out)
     base_path = _base_path(run)
+    task = stages.get(run.get("stage", "sft")).TASK
     bits = run["recipe"]["quantization"]["bits"]
     tokenizer = models.load_tokenizer(str(adapter_dir))
     end_of_turn = _end_of_turn(run, tokenizer)
@@ -106,23 +118,27 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
     # --- The adapter model, in fp32 on the exact base weights the adapter saw in training (dequantized 4/8-bit
     # weights for QLoRA): the reference the merge must reproduce. fp32, so that bf16 activation noise (KL ~5e-3
     # on SmolLM2) is not mistaken for merge error.
-    adapter_model = _adapter_model(run, base_path, adapter_dir, tokenizer, bits and merge_base == "dequantized")
-    ref_logits = _logits(adapter_model, tokenizer, conversations)
+    adapter_model = _adapter_model(run, base_path, adapter_dir, tokenizer, bits and merge_base == "dequantized", task)
+    measure, distance = (_scores, _score_distance) if task == "seq_cls" else (_logits, _distance)
+    ref_logits = measure(adapter_model, tokenizer, conversations)
     with adapter_model.disable_adapter():
-        base_logits = _logits(adapter_model, tokenizer, conversations)
+        base_logits = measure(adapter_model, tokenizer, conversations)
     if bits and merge_base == "original":
         del adapter_model  # the merge goes into the original full-precision weights instead
-        adapter_model = _adapter_model(run, base_path, adapter_dir, tokenizer, dequantized=False)
+        adapter_model = _adapter_model(run, base_path, adapter_dir, tokenizer, dequantized=False, task=task)
     merged = adapter_model.merge_and_unload()
     merged = merged.to(export_dtype)
     merged.config.dtype = export_dtype
     if getattr(merged.config, "quantization_config", None) is not None:
         del merged.config.quantization_config
     _untie_if_head_trained(merged)
-    eos_ids = sorted({i for i in [*_as_list(merged.generation_config.eos_token_id), tokenizer.eos_token_id,
-                                  tokenizer.convert_tokens_to_ids(end_of_turn)] if i is not None})
-    merged.generation_config.eos_token_id = eos_ids
-    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    eos_ids = sorted({i for i in [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end_of_turn)] if i is not None})
+    if task == "causal_lm":
+        eos_ids = sorted({*eos_ids, *_as_list(merged.generation_config.eos_token_id)})
+        merged.generation_config.eos_token_id = eos_ids
+        merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    else:
+        merged.config.pad_token_id = tokenizer.pad_token_id  # a classifier scores the last token before padding
 
     with staged_dir(out, replace=True) as tmp:
         merged.save_pretrained(tmp, max_shard_size=shard_size)
@@ -132,14 +148,16 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
         if _after_write:
             _after_write(tmp)
         # --- Faithful-merge gate on the folder as written, loaded the way users will load it.
-        from transformers import AutoModelForCausalLM
-
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=export_dtype)
-        stop = _stop_check(reloaded, tokenizer, conversations, eos_ids) if stop_check else None  # as users will run it
-        merged_logits = _logits(reloaded.float(), tokenizer, conversations)  # weights as written, fp32 compute
+        reloaded = models.auto_class(task).from_pretrained(tmp, dtype=export_dtype)
+        stop = None
+        if stop_check and task == "causal_lm":
+            stop = _stop_check(reloaded, tokenizer, conversations, eos_ids)  # as users will run it
+        merged_logits = measure(reloaded.float(), tokenizer, conversations)  # weights as written, fp32 compute
         del reloaded
         report = {
             "run_dir": str(run_dir),
+            "stage": run.get("stage", "sft"),
+            "chain": run.get("chain") or [{"stage": run.get("stage", "sft"), "run_dir": str(run_dir)}],
             "base_model": run["base_model"],
             "quantization_bits": bits,
             "merge_base": merge_base if bits else "original",
@@ -147,11 +165,12 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
             "eos_token_id": eos_ids,
             "end_of_turn": end_of_turn,
             "gate_conversations": len(conversations),
-            "merged_vs_adapter": _distance(ref_logits, merged_logits),
-            "base_vs_adapter": _distance(ref_logits, base_logits),
-            "thresholds": {"min_greedy_agreement": MIN_AGREEMENT, "max_mean_kl": MAX_KL},
+            "merged_vs_adapter": distance(ref_logits, merged_logits),
+            "base_vs_adapter": distance(ref_logits, base_logits),
+            "thresholds": ({"max_abs_score_diff": MAX_SCORE_DIFF, "score_tie": SCORE_TIE} if task == "seq_cls" else
+                           {"min_greedy_agreement": MIN_AGREEMENT, "max_mean_kl": MAX_KL}),
         }
-        failures = _gate_failures(report)
+        failures = _score_gate_failures(report) if task == "seq_cls" else _gate_failures(report)
         waived = [f for f in failures if "adapter was lost" not in f] if bits and merge_base == "original" else []
         failures = [f for f in failures if f not in waived]
         report["gate"] = "failed" if failures else ("waived: merged into the original weights, as asked" if waived else "passed")
@@ -173,7 +192,7 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
         report["seconds"] = round(time.time() - start, 1)
         report["size_bytes"] = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
         write_json(tmp / "export_report.json", report)
-        write_text(tmp / "README.md", _model_card(run, report, out))
+        write_text(tmp / "README.md", _reward_card(run, report, out) if task == "seq_cls" else _model_card(run, report, out))
     _print_report(report, out)
     return report
 
@@ -257,9 +276,7 @@ def _held_out_conversations(run: dict) -> list[list[dict]]:
         spec = data_lib.load_spec(ref["name"])
         rows, _ = data_lib.read_rows(spec, ref["split"], GATE_CONVERSATIONS)
         for _, row in rows:
-            messages = data_lib.to_messages(spec, row)
-            if isinstance(messages, list):
-                out.append(messages)
+            out += data_lib.conversations_of(spec, row)
         if len(out) >= GATE_CONVERSATIONS:
             break
     return out[:GATE_CONVERSATIONS]
@@ -268,7 +285,7 @@ def _held_out_conversations(run: dict) -> list[list[dict]]:
 # ----------------------------------------------------------------------------- models
 
 
-def _adapter_model(run: dict, base_path: str, adapter_dir: Path, tokenizer, dequantized: bool):
+def _adapter_model(run: dict, base_path: str, adapter_dir: Path, tokenizer, dequantized: bool, task: str = "causal_lm"):
     """Base (fp32) + the unmerged adapter. `dequantized`: the base weights are those of the 4/8-bit model the
     adapter was trained on, dequantized from a freshly loaded copy; else the original full-precision weights."""
     from types import SimpleNamespace
@@ -283,11 +300,11 @@ def _adapter_model(run: dict, base_path: str, adapter_dir: Path, tokenizer, dequ
     if dequantized:
         # Fresh: on AVX512-BF16 CPUs, dequantizing after a no-grad forward returned wrong weights (ENVIRONMENT.md);
         # load_model guards that path, and nothing has run through this copy yet anyway.
-        quantized = models.load_model(model_cfg, SimpleNamespace(**recipe["quantization"]), base_path)
+        quantized = models.load_model(model_cfg, SimpleNamespace(**recipe["quantization"]), base_path, task=task)
         quantized.dequantize(dtype=torch.float32)
         base = quantized.to(torch.float32)  # embeddings and norms were loaded in the recipe dtype
     else:
-        base = models.load_model(model_cfg, None, base_path, dtype=torch.float32)
+        base = models.load_model(model_cfg, None, base_path, dtype=torch.float32, task=task)
     if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
         base.resize_token_embeddings(len(tokenizer))  # chat tokens added in training; their rows are in the adapter
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
@@ -330,6 +347,39 @@ def _logits(model, tokenizer, conversations) -> list:
     return out
 
 
+def _scores(model, tokenizer, conversations) -> list:
+    """A reward model's score of each whole conversation, as GRPO/RLOO and compare score answers."""
+    from finetune.rewards import score
+
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return score(model, tokenizer, conversations)
+
+
+def _score_distance(reference: list, other: list) -> dict:
+    """max and mean |score difference|, and the share of text pairs (reference gap > SCORE_TIE) kept in order."""
+    diffs = [abs(a - b) for a, b in zip(reference, other)]
+    kept, pairs = 0, 0
+    for i in range(len(reference)):
+        for j in range(i + 1, len(reference)):
+            if abs(reference[i] - reference[j]) > SCORE_TIE:
+                pairs += 1
+                kept += (reference[i] > reference[j]) == (other[i] > other[j])
+    return {"max_abs_score_diff": round(max(diffs), 6), "mean_abs_score_diff": float(f"{sum(diffs) / len(diffs):.3g}"),
+            "pair_order_agreement": round(kept / max(1, pairs), 5), "texts": len(diffs)}
+
+
+def _score_gate_failures(report: dict) -> list[str]:
+    merged, base = report["merged_vs_adapter"], report["base_vs_adapter"]
+    failures = []
+    if merged["max_abs_score_diff"] > MAX_SCORE_DIFF:
+        failures.append(f"max |score difference| {merged['max_abs_score_diff']:.3g} > {MAX_SCORE_DIFF:g}")
+    if merged["pair_order_agreement"] < 1.0:
+        failures.append(f"the merged model orders {1 - merged['pair_order_agreement']:.2%} of the text pairs differently")
+    if base["max_abs_score_diff"] <= merged["max_abs_score_diff"]:
+        failures.append("the base is as close to the adapter model as the merge noise: the adapter was lost")
+    return failures
+
+
 def _distance(reference: list, other: list) -> dict:
     """max |logit diff|, mean KL(reference || other) per position, share of positions with the same argmax."""
     import torch
@@ -369,7 +419,7 @@ def _stop_check(model, tokenizer, conversations, eos_ids: list[int], max_new_tok
     import torch
 
     prompts = [m[: max(i for i, x in enumerate(m) if x["role"] == "assistant")] for m in conversations]
-    prompts = prompts[:STOP_PROMPTS]
+    prompts = list({json.dumps(p): p for p in prompts}.values())[:STOP_PROMPTS]  # a pair's two texts share one
     tokenizer.padding_side = "left"
     batch = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True,
                                           return_tensors="pt", padding=True)
@@ -429,6 +479,7 @@ r={run['recipe']['adapter']['r']}, {'QLoRA ' + str(report['quantization_bits']) 
 + report['merge_base'] + ' base' if report['quantization_bits'] else 'full-precision base'}). Weights: {report['dtype']}.
 
 - Data: {data}
+- Trained in the chain {' -> '.join(f"{c['stage']} ({c['run_dir']})" for c in report['chain'])}: one adapter, merged
 - Steps: {summary.get('steps')}, train loss {summary.get('train_loss_first')} -> {summary.get('train_loss_last')},
   held-out loss {summary.get('eval_loss_before')} -> {summary.get('eval_loss_after')}
 - Faithful-merge gate ({report['gate_conversations']} held-out conversations): merged vs adapter model
@@ -454,8 +505,43 @@ The resolved training recipe is in `recipe.yaml`; the full gate figures in `expo
 """
 
 
+def _reward_card(run: dict, report: dict, out: Path) -> str:
+    summary = run.get("summary", {})
+    merged = report["merged_vs_adapter"]
+    accuracy = (summary.get("heldout_pairwise_after") or {}).get("accuracy")
+    base_name = run["base_model"].get("hub_id") or run["base_model"]["name"]
+    return f"""# Reward model fine-tuned from {base_name}
+
+A sequence classifier with one output (higher = preferred), merged by `finetune export` from the run in
+`{report['run_dir']}` (stage reward). Weights: {report['dtype']}. Held-out pairwise accuracy: {accuracy}.
+Merge gate: max |score difference| merged vs adapter {merged['max_abs_score_diff']:.3g}, pair order agreement
+{merged['pair_order_agreement']:.2%} over {merged['texts']} held-out texts.
+
+## Use
+
+```python
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+model = AutoModelForSequenceClassification.from_pretrained("{out}")
+tokenizer = AutoTokenizer.from_pretrained("{out}")
+text = tokenizer.apply_chat_template([{{"role": "user", "content": "..."}}, {{"role": "assistant", "content": "..."}}],
+                                     tokenize=False)
+score = model(**tokenizer(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
+```
+
+As a reward source of a grpo/rloo recipe: `rewards: [{{model: {out}}}]`.
+"""
+
+
 def _print_report(report: dict, out: Path) -> None:
     merged, base = report["merged_vs_adapter"], report["base_vs_adapter"]
+    if "max_abs_score_diff" in merged:
+        print(f"Export: {out} (reward model, {report['dtype']}, {report['size_bytes'] / 2**20:.0f} MiB, "
+              f"{report['seconds']} s)")
+        print(f"  merged vs adapter: max |score diff| {merged['max_abs_score_diff']:.3g}, pair order agreement "
+              f"{merged['pair_order_agreement']:.2%}  -> gate {report['gate']}")
+        print(f"  base   vs adapter: max |score diff| {base['max_abs_score_diff']:.3g}")
+        return
     stop = report.get("stop_check")
     print(f"Export: {out} ({report['dtype']}, {report['size_bytes'] / 2**20:.0f} MiB, {report['seconds']} s)")
     print(f"  merged vs adapter: agreement {merged['greedy_agreement']:.2%}, mean KL {merged['mean_kl']:.3g}, "

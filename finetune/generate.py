@@ -161,6 +161,9 @@ def _load_run(run_dir: Path, dtype: str):
     from finetune.rundir import read_run
 
     run = read_run(run_dir)
+    if run.get("stage") == "reward":
+        raise FinetuneError(f"{run_dir} is a reward model (stage reward): it scores answers and does not generate; "
+                            "use it as compare --reward-model or as a grpo/rloo reward source")
     adapter_dir = run_dir / run.get("adapter", "adapter")
     status = run.get("status", "unknown")
     if not adapter_dir.is_dir():

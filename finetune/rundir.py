@@ -6,6 +6,7 @@
       loss_curve.png    train and held-out loss against steps
       adapter/          the trained adapter (safetensors) and the tokenizer with the inference template
       checkpoints/      checkpoints for train.resume (transformers' format)
+      completions.jsonl grpo/rloo: every sampled answer with its rewards
 
 Only the main process writes. Secrets (HF_TOKEN, W&B keys, ...) are redacted from everything written.
 """

@@ -24,6 +24,30 @@ def test_every_recipe_parses(path):
     assert recipe.model.trust_remote_code is False
 
 
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_recipe_builds_its_stages_trl_config(path):
+    import trl
+
+    from finetune import stages
+    from finetune.stages.runner import trl_config
+
+    recipe = load_recipe(path)
+    stage = stages.get(recipe.train.stage)
+    config = trl_config(recipe, stage)
+    assert type(config) is getattr(trl, stage.CONFIG)
+    assert config.output_dir.endswith("checkpoints") and config.seed == recipe.seed
+    if recipe.train.stage in ("grpo", "rloo"):
+        assert "beta" in yaml.safe_load(path.read_text())["train"]  # the KL weight is explicit in every RL recipe
+        assert config.reward_weights == [r.weight for r in recipe.rewards]
+
+
+def test_recipes_exist_for_every_stage():
+    names = {str(p.relative_to(REPO / "recipes")) for p in RECIPES}
+    assert {f"smollm2-135m/{n}.yaml" for n in ("reward_lora", "dpo_lora", "dpo_qlora", "kto_lora", "grpo_lora",
+                                               "rloo_lora")} <= names
+    assert {"qwen2.5-0.5b/dpo_qlora.yaml", "qwen2.5-0.5b/reward_qlora.yaml", "qwen2.5-0.5b/grpo_qlora.yaml"} <= names
+
+
 def test_recipes_exist_for_each_model_family():
     names = {str(p.relative_to(REPO / "recipes")) for p in RECIPES}
     assert {"smollm2-135m/sft_lora.yaml", "smollm2-135m/sft_qlora.yaml"} <= names

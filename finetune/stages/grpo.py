@@ -9,7 +9,7 @@ policy moves toward answers that beat their group's mean. `train.beta` weighs th
 reference model (TRL's GRPO default is 0: no reference at all); with `model.init_from` the reference is
 that run's model, else the base. Data: any chat format; the prompt is everything before the last assistant
 turn, which is the reference answer for rule rewards. Held-out figure: TRL's eval reward on the held-out
-prompts. On CPU with QLoRA, sampling is a no-grad forward of the 4-bit layers: finetune.models guards the
+prompts. Every sampled answer and its rewards go to RUN_DIR/completions.jsonl, to read what was rewarded. On CPU with QLoRA, sampling is a no-grad forward of the 4-bit layers: finetune.models guards the
 bitsandbytes repacking that would otherwise silently stop LoRA gradients after it.
 """
 
@@ -41,9 +41,41 @@ def reward_inputs(recipe) -> dict:
 def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, recipe):
     from trl import GRPOTrainer
 
-    return GRPOTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
-                       processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
-                       **reward_inputs(recipe))
+    trainer = GRPOTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
+                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
+                          **reward_inputs(recipe))
+    trainer.add_callback(completion_log(trainer, recipe.output_dir))
+    return trainer
+
+
+def completion_log(trainer, run_dir):
+    """A callback that appends each new batch of sampled answers, with each reward's value, to completions.jsonl.
+    TRL keeps them in the trainer's `_logs` for its console/W&B tables and has no hook that hands them out."""
+    import json
+    from pathlib import Path
+
+    from transformers import TrainerCallback
+
+    from finetune.rundir import redact
+
+    class CompletionLog(TrainerCallback):
+        last = None
+
+        def on_log(self, args, state, control, **kwargs):
+            logs = trainer._logs
+            batch = list(logs["completion"])
+            if not state.is_world_process_zero or not batch or batch == self.last:
+                return
+            self.last = batch
+            names = list(logs["rewards"])
+            rewards = {name: list(logs["rewards"][name]) for name in names}
+            with open(Path(run_dir) / "completions.jsonl", "a") as f:
+                for i, (prompt, completion) in enumerate(zip(list(logs["prompt"]), batch)):
+                    row = {"step": state.global_step, "prompt": prompt, "completion": completion,
+                           "rewards": {name: rewards[name][i] for name in names}}
+                    f.write(json.dumps(redact(row)) + "\n")
+
+    return CompletionLog()
 
 
 held_out = runner.eval_loss

@@ -4,13 +4,15 @@
 
 The same data, rewards, generation settings and held-out figures as finetune/stages/grpo.py; each answer's
 baseline is the mean reward of the other answers to its prompt. `train.beta` (TRL's RLOO default 0.05)
-weighs the KL penalty to the reference model.
+weighs the KL penalty to the reference model. Sampled answers and their rewards go to completions.jsonl.
 """
 
 from __future__ import annotations
 
 from finetune.stages import runner
-from finetune.stages.grpo import DEFAULTS, OWNS, config_kwargs, held_out, prepare, reward_inputs, summary  # noqa: F401
+from finetune.stages.grpo import (  # noqa: F401 - the same as GRPO's
+    DEFAULTS, OWNS, completion_log, config_kwargs, held_out, prepare, reward_inputs, summary,
+)
 
 CONFIG = "RLOOConfig"
 TASK = "causal_lm"
@@ -19,9 +21,11 @@ TASK = "causal_lm"
 def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, recipe):
     from trl import RLOOTrainer
 
-    return RLOOTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
-                       processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
-                       **reward_inputs(recipe))
+    trainer = RLOOTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
+                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
+                          **reward_inputs(recipe))
+    trainer.add_callback(completion_log(trainer, recipe.output_dir))
+    return trainer
 
 
 def main(recipe, callbacks=()):

@@ -125,10 +125,11 @@ def build(recipe: Recipe, callbacks=()) -> Built:
             ) from None
         raise
     # TRL casts adapters of quantized models to bf16; keep them (and so the optimizer state) as the recipe says.
-    # A reward model's score head (trained in full) stays in the dtype of the hidden states it reads.
+    # Modules trained in full (modules_to_save: a head, a reward model's score head) stay in the dtype of the
+    # hidden states they read.
     adapter_dtype = torch.float32 if recipe.adapter.dtype == "fp32" else torch.bfloat16
     for name, param in trainer.model.named_parameters():
-        if stage.TASK == "seq_cls" and "lora_" not in name:
+        if "lora_" not in name:
             continue
         if param.requires_grad and param.dtype != adapter_dtype:
             param.data = param.data.to(adapter_dtype)
