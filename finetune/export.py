@@ -267,19 +267,21 @@ def _end_of_turn(run: dict, tokenizer) -> str:
 
 
 def _held_out_conversations(run: dict) -> list[list[dict]]:
-    """Up to GATE_CONVERSATIONS well-formed conversations from the run's held-out (else training) data."""
+    """The conversations of up to GATE_CONVERSATIONS well-formed rows of the run's held-out (else training) data."""
     from finetune import data as data_lib
 
     refs = run["recipe"]["data"]["eval_datasets"] or run["recipe"]["data"]["datasets"]
-    out = []
+    out, used = [], 0
     for ref in refs:
         spec = data_lib.load_spec(ref["name"])
         rows, _ = data_lib.read_rows(spec, ref["split"], GATE_CONVERSATIONS)
-        for _, row in rows:
-            out += data_lib.conversations_of(spec, row)
-        if len(out) >= GATE_CONVERSATIONS:
+        for _, row in rows[: GATE_CONVERSATIONS - used]:
+            found = data_lib.conversations_of(spec, row)  # a preference pair gives two: chosen and rejected
+            out += found
+            used += bool(found)
+        if used >= GATE_CONVERSATIONS:
             break
-    return out[:GATE_CONVERSATIONS]
+    return out
 
 
 # ----------------------------------------------------------------------------- models

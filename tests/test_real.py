@@ -16,11 +16,19 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.real
 
 
-def test_qlora_sft_on_the_embedded_model(tmp_path, smol_path):
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, smol_path):
+    """Ten QLoRA SFT steps: the demo's loss has fallen from 0.36 to ~0.05 by then, so the model has learned to
+    answer and stop. Shared by the SFT checks and the stages that continue it."""
+    tmp_path = tmp_path_factory.mktemp("real-sft")
     run_dir = tmp_path / "run"
-    # Ten steps: the demo's loss has fallen from 0.36 to ~0.05 by then, so the model has learned to answer and stop.
     code = main(["train", str(REPO / "recipes/smollm2-135m/sft_qlora.yaml"), "train.max_steps=10",
                  f"output_dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}"])
+    return code, run_dir
+
+
+def test_qlora_sft_on_the_embedded_model(sft_run):
+    code, run_dir = sft_run
     assert code == 0
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "completed" and run["summary"]["steps"] == 10
@@ -56,6 +64,36 @@ print("STOPPED" if new[-1] in model.generation_config.eos_token_id else "RAN ON"
     fresh = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert fresh.stdout.startswith("STOPPED"), fresh.stdout
+
+
+def test_dpo_after_sft_raises_the_held_out_margin(sft_run, tmp_path):
+    """The shipped DPO recipe, continuing the 10-step SFT run for 6 steps: the SFT model is the reference, so the
+    first step's loss is ln 2; the held-out log-probability margin of chosen over rejected answers rises."""
+    _, sft_dir = sft_run
+    run_dir = tmp_path / "dpo"
+    assert main(["train", str(REPO / "recipes/smollm2-135m/dpo_qlora.yaml"), f"model.init_from={sft_dir}",
+                 "train.max_steps=6", f"output_dir={run_dir}"]) == 0
+    run = json.loads((run_dir / "run.json").read_text())
+    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["loss"] - 0.693147) < 1e-3 and abs(first["rewards/margins"]) < 1e-3, first
+    before, after = run["summary"]["heldout_preference_before"], run["summary"]["heldout_preference_after"]
+    assert after["mean_margin"] > before["mean_margin"], (before, after)
+    assert set(after["per_type"]) == {"distractor_age", "key_order", "pretty", "prose"}
+    assert after["pairs"] == 80 and [c["stage"] for c in run["chain"]] == ["sft", "dpo"]
+
+
+def test_grpo_after_sft_samples_scores_and_updates_the_adapter(sft_run, tmp_path):
+    _, sft_dir = sft_run
+    run_dir = tmp_path / "grpo"
+    assert main(["train", str(REPO / "recipes/smollm2-135m/grpo_lora.yaml"), f"model.init_from={sft_dir}",
+                 "train.max_steps=2", "data.eval_datasets=[]", f"output_dir={run_dir}"]) == 0
+    run = json.loads((run_dir / "run.json").read_text())
+    sft = json.loads((sft_dir / "run.json").read_text())
+    assert run["adapter_sha256"] != sft["adapter_sha256"]
+    logged = [json.loads(line) for line in (run_dir / "completions.jsonl").read_text().splitlines()]
+    assert len(logged) == 8 and all(r["rewards"]["exact_match"] in (0.0, 1.0) for r in logged)
+    # The SFT model already answers many prompts exactly: exact match is a reward with signal from step 1.
+    assert 0 < run["summary"]["train_reward_first"] <= 1
 
 
 def test_two_process_ddp_on_cpu_splits_the_batches(tmp_path, smol_path):

@@ -43,8 +43,11 @@ def held_out(trainer, prepared) -> dict | None:
     if prepared.eval is None:
         return None
     model = trainer.accelerator.unwrap_model(trainer.model)
-    return {**runner.eval_loss(trainer, prepared),
-            "preference": preference_figures(model, trainer.processing_class, prepared.eval)}
+    figures = {"preference": preference_figures(model, trainer.processing_class, prepared.eval)}
+    # Before the first step the policy is its reference: TRL's eval loss is ln 2 and its margins 0 by construction.
+    if trainer.state.global_step > 0:
+        figures.update(runner.eval_loss(trainer, prepared))
+    return figures
 
 
 def summary(before, after, history) -> dict:
@@ -52,7 +55,6 @@ def summary(before, after, history) -> dict:
     return {
         "train_reward_margin_last": last.get("rewards/margins"),
         "train_reward_accuracy_last": last.get("rewards/accuracies"),
-        "eval_loss_before": before and before.get("eval_loss"),
         "eval_loss_after": after and after.get("eval_loss"),
         "eval_reward_margin_after": after and after.get("eval_rewards/margins"),
         "heldout_preference_before": before and before["preference"],
