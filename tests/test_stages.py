@@ -335,3 +335,14 @@ def test_every_stage_runs_two_steps_under_two_process_accelerate(tmp_path, tiny_
     assert run["world_size"] == 2 and run["status"] == "completed" and run["stage"] == stage
     assert [p["steps"] for p in run["processes"]] == [2, 2]
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_validate_builds_the_stage_the_recipe_names(tmp_path, tiny_llama, pref_files, capsys):
+    from finetune.validate import main as validate
+
+    train, heldout = pref_files
+    shown = validate(_recipe(tmp_path, tiny_llama, train, "dpo", heldout))
+    assert '"chosen"' in shown["example"] and GOOD in shown["example"]
+    assert "TRL config DPOConfig" in capsys.readouterr().out
+    assert shown["stats"]["train_rows"] == 32 and shown["stats"]["eval_rows"] == 12
+    assert not (tmp_path / "run").exists()
