@@ -224,17 +224,15 @@ def score_model(name: str, spec: str, prompts: PromptSet, settings: dict, adhere
     return record, outputs, metrics
 
 
-def reward_scores(spec: str, conversations: list[list[dict]], answers: list[str]) -> list[float]:
+def reward_scores(spec_or_model, conversations: list[list[dict]], answers: list[str]) -> list[float]:
     """Score each answer with a reward model (a `stage: reward` run directory or a sequence-classification
-    folder with one output): the prompt turns plus the answer, rendered with the reward model's chat template,
-    exactly as GRPO/RLOO score completions (finetune.rewards)."""
+    folder with one output, or such a (model, tokenizer) already loaded): the prompt turns plus the answer,
+    rendered with the reward model's chat template, exactly as GRPO/RLOO score completions (finetune.rewards)."""
     from finetune import rewards
 
-    model, tokenizer = rewards.load_reward_model(spec)
+    model, tokenizer = rewards.load_reward_model(spec_or_model) if isinstance(spec_or_model, str) else spec_or_model
     texts = [[*messages, {"role": "assistant", "content": answer}] for messages, answer in zip(conversations, answers)]
-    scores = rewards.score(model, tokenizer, texts)
-    del model
-    return scores
+    return rewards.score(model, tokenizer, texts)
 
 
 def check_regex(pattern: str | None) -> None:
@@ -264,8 +262,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what a well-formed answer looks like (whole answer); default: the dataset's")
     parser.add_argument("--out", default=None, metavar="DIR", help="report folder (default runs/compare-TIME)")
     parser.add_argument("--reward-model", default=None, metavar="SPEC",
-                        help="also score every answer with this reward model (a local folder or hub id of a "
-                             "sequence-classification model with one output); reported as the mean reward")
+                        help="also score every answer with this reward model (a `stage: reward` run directory, or "
+                             "a folder or hub id of a sequence-classification model with one output); reported as "
+                             "the mean reward")
     add_model_arguments(parser)
     add_decoding_arguments(parser)
 
@@ -293,10 +292,9 @@ def run(args) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise FinetuneError(f"--out {out_dir} is a file; give a folder for the report")
     if args.reward_model:
-        from finetune import models as models_lib
+        from finetune.rewards import check_source
 
-        if not (Path(args.reward_model) / "run.json").is_file():
-            models_lib.resolve_model(args.reward_model)  # a missing folder fails now, not after generation
+        check_source(args.reward_model)  # a missing or unfinished run, or a causal LM, fails now, not after generation
     quiet_libraries()
     apply_threads(args)
     log(f"{len(prompts.items)} prompts from {prompts.source}" + (f" (split {prompts.split})" if prompts.split else ""))
@@ -308,11 +306,13 @@ def run(args) -> None:
                                                            styles.get(name))
         records.append(record)
     if args.reward_model:
+        from finetune import rewards as rewards_lib
         from finetune.metrics import summarize
 
+        reward_model = rewards_lib.load_reward_model(args.reward_model)
         for name in models:
             log(f"[{name}] scoring answers with reward model {args.reward_model}")
-            rewards = reward_scores(args.reward_model, prompts.messages, [o["text"] for o in outputs[name]])
+            rewards = reward_scores(reward_model, prompts.messages, [o["text"] for o in outputs[name]])
             for output, reward in zip(outputs[name], rewards):
                 output["reward"] = reward
             metrics[name] = summarize(outputs[name], prompts.references, adherence_regex=regex, rewards=rewards)

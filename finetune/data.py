@@ -582,7 +582,7 @@ def prepare_rows(data_cfg, shape: str, stage: str, seed: int = 42) -> Prepared:
     prompt = lambda row: prompt_text([*row["prompt"], {"role": "assistant", "content": ""}])  # noqa: E731
     overlap = (find_overlap([prompt(r) for r in splits["train"]], [prompt(r) for r in splits["eval"]])
                if splits["eval"] else None)
-    stats = {"train_rows": len(splits["train"]), "eval_rows": len(splits["eval"]), "truncated": 0,
+    stats = {"train_rows": len(splits["train"]), "eval_rows": len(splits["eval"]),
              "dropped": sum(sum(s["dropped"].values()) for s in per_dataset), "overlap": overlap,
              "datasets": per_dataset}
     train = datasets.Dataset.from_list(splits["train"])

@@ -8,7 +8,8 @@ The folder loads with plain `transformers` (and so vLLM, TGI, llama.cpp converte
 template's end-of-turn token, the tokenizer with the model's inference chat template, a model card, the
 recipe, and export_report.json.
 
-Faithful-merge gate: after writing, the folder is reloaded with AutoModelForCausalLM and compared with the
+Faithful-merge gate: after writing, the folder is reloaded with AutoModelForCausalLM (a reward model: with
+AutoModelForSequenceClassification, see below) and compared with the
 adapter model (the base weights the adapter saw in training + the unmerged adapter) on held-out
 conversations: max |logit difference|, mean KL, greedy next-token agreement, at the positions that predict
 the assistant's answer; the same for the base vs the adapter model. Both sides compute in fp32, so the
@@ -160,6 +161,7 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
             "chain": run.get("chain") or [{"stage": run.get("stage", "sft"), "run_dir": str(run_dir)}],
             "base_model": run["base_model"],
             "quantization_bits": bits,
+            "lora_r": json.loads((adapter_dir / "adapter_config.json").read_text()).get("r"),
             "merge_base": merge_base if bits else "original",
             "dtype": str(export_dtype).replace("torch.", ""),
             "eos_token_id": eos_ids,
@@ -474,16 +476,17 @@ def _model_card(run: dict, report: dict, out: Path) -> str:
     merged, base = report["merged_vs_adapter"], report["base_vs_adapter"]
     stop = report.get("stop_check", {})
     base_name = run["base_model"].get("hub_id") or run["base_model"]["name"]
+    held_out = (f",\n  held-out loss {summary.get('eval_loss_before')} -> {summary.get('eval_loss_after')}"
+                if summary.get("eval_loss_before") is not None else "")
     return f"""# Chat model fine-tuned from {base_name}
 
 Merged by `finetune export` from the run in `{report['run_dir']}` (stage {run.get('stage')}, LoRA
-r={run['recipe']['adapter']['r']}, {'QLoRA ' + str(report['quantization_bits']) + '-bit, merged into the '
+r={report['lora_r']}, {'QLoRA ' + str(report['quantization_bits']) + '-bit, merged into the '
 + report['merge_base'] + ' base' if report['quantization_bits'] else 'full-precision base'}). Weights: {report['dtype']}.
 
 - Data: {data}
 - Trained in the chain {' -> '.join(f"{c['stage']} ({c['run_dir']})" for c in report['chain'])}: one adapter, merged
-- Steps: {summary.get('steps')}, train loss {summary.get('train_loss_first')} -> {summary.get('train_loss_last')},
-  held-out loss {summary.get('eval_loss_before')} -> {summary.get('eval_loss_after')}
+- Steps: {summary.get('steps')}, train loss {summary.get('train_loss_first')} -> {summary.get('train_loss_last')}{held_out}
 - Faithful-merge gate ({report['gate_conversations']} held-out conversations): merged vs adapter model
   greedy agreement {merged['greedy_agreement']:.2%}, mean KL {merged['mean_kl']:.3g}, max logit difference
   {merged['max_abs_logit_diff']:.3g} (base vs adapter: {base['greedy_agreement']:.2%}, {base['mean_kl']:.3g})

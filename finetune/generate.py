@@ -128,6 +128,9 @@ def check_spec(spec: str) -> str:
     if path.is_dir():
         for marker, kind in (("run.json", "run"), ("config.json", "folder"), ("adapter_config.json", "adapter")):
             if (path / marker).is_file():
+                if kind == "folder" and _is_classifier(path / marker):
+                    raise FinetuneError(f"{spec} is a sequence classifier (e.g. an exported reward model): it scores "
+                                        "answers and does not generate; use it as compare --reward-model")
                 return kind
         raise FinetuneError(
             f"{spec} is not a model: a run directory has run.json, an HF model folder config.json, "
@@ -139,6 +142,11 @@ def check_spec(spec: str) -> str:
             "like org/name"
         )
     return "hub"
+
+
+def _is_classifier(config_path: Path) -> bool:
+    architectures = _read_json(config_path).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
 
 
 def _describe_arch(model) -> str:

@@ -56,7 +56,11 @@ def preference_figures(model, tokenizer, pairs) -> dict:
     rows = list(pairs)
     chosen = completion_logps(model, tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows])
     rejected = completion_logps(model, tokenizer, [r["prompt"] for r in rows], [r["rejected"] for r in rows])
-    margins = [c - r for c, r in zip(chosen, rejected)]
+    return pair_summary([c - r for c, r in zip(chosen, rejected)], rows)
+
+
+def pair_summary(margins: list[float], rows: list[dict]) -> dict:
+    """Share of pairs with a positive margin (chosen over rejected) and the mean margin, overall and per kind."""
     by_kind = defaultdict(list)
     for row, margin in zip(rows, margins):
         by_kind[row.get("kind") or "all"].append(margin)

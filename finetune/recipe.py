@@ -128,11 +128,6 @@ class Recipe:
         return out
 
 
-# The TRL config class of each stage. Keys under `train` are checked against its fields.
-def stage_config_class(stage: str):
-    return stages.config_class(stage)
-
-
 # Keys of the TRL config that the recipe sets elsewhere, so there is one place for each setting (each stage's
 # module adds its own in OWNS).
 OWNED_ELSEWHERE = {
@@ -339,7 +334,7 @@ def _build_train(data, source: str) -> TrainConfig:
         raise _bad_value(source, "train", data, "expected a mapping of keys")
     data = dict(data or {})
     own = build_section(TrainConfig, {k: data.pop(k) for k in ("stage", "resume") if k in data}, "train", source)
-    config_cls = stage_config_class(own.stage)
+    config_cls = stages.config_class(own.stage)
     fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
     hints = typing.get_type_hints(config_cls)
     stage = stages.get(own.stage)
@@ -394,6 +389,9 @@ def _check_recipe(r: Recipe) -> None:
             from finetune.rewards import check_function_name
 
             check_function_name(source.function, f"{src}: rewards[{i}].function")
+    if r.train.stage == "reward" and r.adapter.type == "none":
+        raise FinetuneError(f"{src}: stage reward needs adapter.type lora (a reward model is read back as base + "
+                            "adapter + score head); full fine-tuning of a reward model is not supported")
     if r.model.init_from and r.adapter.type == "none":
         raise FinetuneError(f"{src}: model.init_from continues a run's adapter; adapter.type none has none to continue")
     if args.get("max_steps", -1) == 0:

@@ -14,9 +14,9 @@ prompt and completion rendered with the chat template it was trained with, exact
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
+from finetune import metrics
 from finetune.errors import FinetuneError
 
 
@@ -28,16 +28,15 @@ def _text(completion) -> str:
 
 
 def exact_match(completions, reference, **kwargs) -> list[float]:
-    """1.0 when the answer equals the reference answer (surrounding whitespace ignored), else 0.0."""
-    return [float(_text(c).strip() == str(r).strip()) for c, r in zip(completions, reference)]
+    """1.0 when the answer equals the reference answer (surrounding whitespace ignored), else 0.0: compare's
+    exact-match metric."""
+    return [metrics.exact_match(_text(c), str(r)) for c, r in zip(completions, reference)]
 
 
-def format_match(completions, pattern=None, **kwargs) -> list[float]:
-    """1.0 when the whole answer matches the dataset's adherence_regex, else 0.0."""
-    patterns = pattern if isinstance(pattern, list) else [pattern] * len(completions)
-    if any(p is None or p == "" for p in patterns):
-        raise FinetuneError("the format reward needs the dataset's adherence_regex; set it in the dataset YAML")
-    return [float(re.fullmatch(p, _text(c).strip(), flags=re.DOTALL) is not None) for c, p in zip(completions, patterns)]
+def format_match(completions, pattern, **kwargs) -> list[float]:
+    """1.0 when the whole answer matches the dataset's adherence_regex (checked when the stage loads its data),
+    else 0.0: compare's format-adherence metric."""
+    return [float(metrics.adheres(_text(c), p)) for c, p in zip(completions, pattern)]
 
 
 def length(completions, reference, **kwargs) -> list[float]:
@@ -62,6 +61,31 @@ def check_function_name(name: str, where: str) -> None:
 # ----------------------------------------------------------------------------- reward models
 
 
+def check_source(spec: str) -> dict | None:
+    """Refuse, before any loading, what cannot be a reward model: a missing path, a run that is not a completed
+    reward run, a model folder that is not a one-output sequence classifier. Returns a run's run.json."""
+    from finetune import models
+    from finetune.rundir import read_completed_run
+
+    path = Path(spec).expanduser()
+    if (path / "run.json").is_file():
+        run = read_completed_run(path, what="reward model")
+        if run.get("stage") != "reward":
+            raise FinetuneError(
+                f"{spec}: run of stage {run.get('stage')!r}, not a reward model; train one with `stage: reward`"
+            )
+        return run
+    config = _config(models.resolve_model(spec), spec)
+    architectures = getattr(config, "architectures", None) or []
+    if getattr(config, "num_labels", None) != 1 or not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise FinetuneError(
+            f"{spec}: not a reward model: a reward source is a sequence classifier with one output "
+            f"(num_labels 1); this one is {architectures or 'unknown'} with {getattr(config, 'num_labels', '?')} "
+            "outputs. Give a `stage: reward` run directory or its export"
+        )
+    return None
+
+
 def load_reward_model(spec: str, dtype=None):
     """A one-output sequence classifier and its tokenizer, from a reward run directory or a model folder.
 
@@ -70,16 +94,11 @@ def load_reward_model(spec: str, dtype=None):
     import torch
 
     from finetune import models
-    from finetune.rundir import read_completed_run
 
     dtype = dtype or torch.float32
     path = Path(spec).expanduser()
-    if (path / "run.json").is_file():
-        run = read_completed_run(path, what="a reward source")
-        if run.get("stage") != "reward":
-            raise FinetuneError(
-                f"{spec}: run of stage {run.get('stage')!r}, not a reward model; train one with `stage: reward`"
-            )
+    run = check_source(spec)
+    if run is not None:
         from peft import PeftModel
 
         adapter_dir = path / run.get("adapter", "adapter")
@@ -92,14 +111,6 @@ def load_reward_model(spec: str, dtype=None):
         model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     else:
         source = models.resolve_model(spec)
-        config = _config(source, spec)
-        architectures = getattr(config, "architectures", None) or []
-        if getattr(config, "num_labels", None) != 1 or not any(a.endswith("ForSequenceClassification") for a in architectures):
-            raise FinetuneError(
-                f"{spec}: not a reward model: a reward source is a sequence classifier with one output "
-                f"(num_labels 1); this one is {architectures or 'unknown'} with {getattr(config, 'num_labels', '?')} "
-                "outputs. Give a `stage: reward` run directory or its export"
-            )
         tokenizer = models.load_tokenizer(source)
         model = models.load_model(models.model_config({"name": source}), None, source, dtype=dtype, task="seq_cls")
     if tokenizer.pad_token is None:
@@ -140,9 +151,9 @@ def score(model, tokenizer, conversations: list[list[dict]], batch_size: int = 1
     return scores
 
 
-def build(sources) -> tuple[list, list, list[float]]:
-    """TRL's reward_funcs, reward_processing_classes and reward_weights for a recipe's `rewards`."""
-    funcs, processing, weights = [], [], []
+def build(sources) -> tuple[list, list]:
+    """TRL's reward_funcs and reward_processing_classes for a recipe's `rewards` (weights: GRPOConfig's)."""
+    funcs, processing = [], []
     for source in sources:
         if source.function is not None:
             funcs.append(functions()[source.function])
@@ -151,5 +162,4 @@ def build(sources) -> tuple[list, list, list[float]]:
             model, tokenizer = load_reward_model(source.model)
             funcs.append(model)
             processing.append(tokenizer)
-        weights.append(source.weight)
-    return funcs, processing, weights
+    return funcs, processing

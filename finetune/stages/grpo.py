@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from finetune import data as data_lib
 from finetune import rewards as rewards_lib
+from finetune.errors import FinetuneError
 from finetune.stages import runner
 
 CONFIG = "GRPOConfig"
 TASK = "causal_lm"
-OWNS = {"max_length": "data.max_length (prompts) and train.max_completion_length (answers)"}
+OWNS = {}
 DEFAULTS = {"learning_rate": 1e-5}
 
 
@@ -30,11 +31,18 @@ def config_kwargs(recipe) -> dict:
 
 
 def prepare(recipe, tokenizer, chat, seed):
-    return data_lib.prepare_rows(recipe.data, "prompt", recipe.train.stage, seed)
+    prepared = data_lib.prepare_rows(recipe.data, "prompt", recipe.train.stage, seed)
+    if any(source.function == "format" for source in recipe.rewards):
+        unpatterned = sorted({d["dataset"] for d in prepared.stats["datasets"]
+                              if not data_lib.load_spec(d["dataset"]).adherence_regex})
+        if unpatterned:
+            raise FinetuneError(f"{recipe.source}: the format reward needs an adherence_regex in the dataset YAML of "
+                                f"{', '.join(unpatterned)}; add one or drop the format reward")
+    return prepared
 
 
 def reward_inputs(recipe) -> dict:
-    funcs, processing, _ = rewards_lib.build(recipe.rewards)
+    funcs, processing = rewards_lib.build(recipe.rewards)
     return {"reward_funcs": funcs, "reward_processing_classes": processing}
 
 
@@ -49,8 +57,9 @@ def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, reci
 
 
 def completion_log(trainer, run_dir):
-    """A callback that appends each new batch of sampled answers, with each reward's value, to completions.jsonl.
-    TRL keeps them in the trainer's `_logs` for its console/W&B tables and has no hook that hands them out."""
+    """A callback that appends the latest batch of sampled training answers, with each reward's value, to
+    completions.jsonl at each logged step (logging_steps == steps_per_generation logs every batch). TRL keeps
+    them in the trainer's `_logs` for its console/W&B tables and has no hook that hands them out."""
     import json
     from pathlib import Path
 
@@ -61,7 +70,9 @@ def completion_log(trainer, run_dir):
     class CompletionLog(TrainerCallback):
         last = None
 
-        def on_log(self, args, state, control, **kwargs):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and any(key.startswith("eval_") for key in logs):
+                return  # evaluate() fills the same buffers with held-out answers
             logs = trainer._logs
             batch = list(logs["completion"])
             if not state.is_world_process_zero or not batch or batch == self.last:

@@ -12,15 +12,14 @@ A reward run is a reward source for grpo/rloo (`rewards: [{model: RUN_DIR}]`) an
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 from finetune import data as data_lib
 from finetune import rewards as rewards_lib
+from finetune.logprobs import pair_summary
 from finetune.stages import runner
 
 CONFIG = "RewardConfig"
 TASK = "seq_cls"
-OWNS = {"chat_template_path": "data.chat_template"}
+OWNS = {}
 
 
 def config_kwargs(recipe) -> dict:
@@ -39,21 +38,13 @@ def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, reci
 
 
 def pairwise(model, tokenizer, pairs) -> dict:
-    """Share of pairs scored chosen > rejected, overall and per kind, and the mean score gap."""
+    """Share of pairs scored chosen > rejected and the mean score margin, overall and per kind, and the chosen
+    answers' scores (to check a reloaded run against)."""
     rows = list(pairs)
     chosen = rewards_lib.score(model, tokenizer, [[*r["prompt"], *r["chosen"]] for r in rows])
     rejected = rewards_lib.score(model, tokenizer, [[*r["prompt"], *r["rejected"]] for r in rows])
-    gaps = [c - r for c, r in zip(chosen, rejected)]
-    by_kind = defaultdict(list)
-    for row, gap in zip(rows, gaps):
-        by_kind[row.get("kind") or "all"].append(gap)
-    return {
-        "pairs": len(rows),
-        "accuracy": round(sum(g > 0 for g in gaps) / max(1, len(gaps)), 4),
-        "mean_gap": round(sum(gaps) / max(1, len(gaps)), 4),
-        "per_type": {k: round(sum(g > 0 for g in v) / len(v), 4) for k, v in sorted(by_kind.items())},
-        "scores_chosen": [round(s, 6) for s in chosen],
-    }
+    return {**pair_summary([c - r for c, r in zip(chosen, rejected)], rows),
+            "scores_chosen": [round(s, 6) for s in chosen]}
 
 
 def held_out(trainer, prepared) -> dict | None:

@@ -125,14 +125,22 @@ def build(recipe: Recipe, callbacks=()) -> Built:
             ) from None
         raise
     # TRL casts adapters of quantized models to bf16; keep them (and so the optimizer state) as the recipe says.
-    # Modules trained in full (modules_to_save: a head, a reward model's score head) stay in the dtype of the
+    # Modules trained in full (modules_to_save: a head, a reward model's score head) compute in the dtype of the
     # hidden states they read.
     adapter_dtype = torch.float32 if recipe.adapter.dtype == "fp32" else torch.bfloat16
+    compute_dtype = models.resolve_dtype(recipe.model.dtype)
     for name, param in trainer.model.named_parameters():
-        if "lora_" not in name:
-            continue
-        if param.requires_grad and param.dtype != adapter_dtype:
-            param.data = param.data.to(adapter_dtype)
+        want = adapter_dtype if "lora_" in name else compute_dtype
+        if param.requires_grad and param.dtype != want:
+            param.data = param.data.to(want)
+    if init_adapter is not None:
+        # The continued adapter exactly as saved: TRL rounded it to bf16 for a quantized base after copying it into
+        # its frozen reference, so without this the policy would start a rounding away from its reference.
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(trainer.model, load_file(init_adapter / "adapter_model.safetensors"),
+                                  adapter_name="default")
     return Built(trainer, prepared, chat, run_callback, state, stage, init)
 
 
@@ -140,7 +148,14 @@ def _init_run(recipe: Recipe) -> dict | None:
     """run.json of the run whose adapter this one continues: completed, on the same base."""
     if not recipe.model.init_from:
         return None
+    if Path(recipe.model.init_from).resolve() == Path(recipe.output_dir).resolve():
+        raise FinetuneError(f"{recipe.source}: model.init_from and output_dir are the same folder; a continued run "
+                            "writes a new run directory (e.g. output_dir=runs/NAME-dpo)")
     init = read_completed_run(recipe.model.init_from, f"{recipe.source}: model.init_from")
+    if (init.get("recipe") or {}).get("adapter", {}).get("type") == "none":
+        raise FinetuneError(f"{recipe.source}: model.init_from {recipe.model.init_from} trained every weight "
+                            "(adapter.type none): there is no adapter to continue; use its folder "
+                            f"{recipe.model.init_from}/adapter as model.name instead")
     if init.get("stage") == "reward" and recipe.train.stage != "reward":
         raise FinetuneError(f"{recipe.source}: model.init_from {recipe.model.init_from} is a reward model; a "
                             f"{recipe.train.stage} policy continues a causal-LM run (sft, dpo, kto, grpo, rloo)")
@@ -308,9 +323,10 @@ def _print_data_summary(stats: dict, is_main: bool) -> None:
     overlap = stats.get("overlap") or {}
     tokens = (f" ({stats['train_tokens']} tokens, {stats['trained_tokens']} trained)"
               if "train_tokens" in stats else "")
+    truncated = f"{stats['truncated']} truncated, " if "truncated" in stats else ""
     print(
         f"Data: {stats['train_rows']} training rows{tokens}, {stats['eval_rows']} held-out rows; "
-        f"{stats['truncated']} truncated, {stats['dropped']} dropped; held-out overlap: {overlap.get('exact', 0)} "
+        f"{truncated}{stats['dropped']} dropped; held-out overlap: {overlap.get('exact', 0)} "
         f"exact, {overlap.get('near', 0)} near-duplicate",
         flush=True,
     )

@@ -50,7 +50,3 @@ def summary(before, after, history) -> dict:
 def main(recipe, callbacks=()):
     return runner.train(recipe, callbacks)
 
-
-def build(recipe, callbacks=()):
-    """The trainer and what it was built from, without training (`finetune validate`)."""
-    return runner.build(recipe, callbacks)
