@@ -73,7 +73,8 @@ class ChatSession:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("model", metavar="MODEL", help="embedded:smollm2-135m, a run directory, a model folder or a hub id")
+    parser.add_argument("model", metavar="MODEL",
+                        help="embedded:smollm2-135m, a run directory, a model folder or a hub id")
     parser.add_argument("--system", default=None, metavar="TEXT", help="system prompt (default: the template's own)")
     parser.add_argument("--prompt-style", default=None, choices=PROMPT_STYLES,
                         help="chat (default when the tokenizer has a chat template) or a plain transcript (raw)")

@@ -23,9 +23,8 @@ from finetune.errors import FinetuneError
 
 
 def _train(args) -> None:
-    from finetune.recipe import load_recipe
-
     from finetune import stages
+    from finetune.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     _print_recipe(recipe)
@@ -40,9 +39,8 @@ def _validate(args) -> None:
 
 
 def _print_recipe(recipe) -> None:
-    from accelerate import PartialState
-
     import yaml
+    from accelerate import PartialState
 
     if int(os.environ.get("RANK", "0")) == 0 and PartialState().is_main_process:
         print("Resolved recipe:\n" + yaml.safe_dump(recipe.to_dict(), sort_keys=False), flush=True)
@@ -70,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for verb, module, help_text in [
         ("export", "finetune.export", "merge a run's adapter into its base and write a checked, deployable Chat model"),
-        ("compare", "finetune.compare", "generate with several models on the same prompts; report metrics side by side"),
+        ("compare", "finetune.compare",
+         "generate with several models on the same prompts; report metrics side by side"),
         ("chat", "finetune.chat", "chat with a model in the terminal (reads piped prompts too)"),
         ("eval", "finetune.evaluate", "score one model on a dataset's prompts; JSON out"),
     ]:

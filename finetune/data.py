@@ -53,7 +53,8 @@ class DatasetSpec:
     files: dict[str, str] = field_spec({}, "Split name -> data file (relative to this YAML) for local data.")
     hub: str | None = field_spec(None, "Hub dataset id, read with datasets.load_dataset (needs network).")
     hub_splits: dict[str, str] = field_spec({}, "Our split name -> the hub dataset's split name.")
-    type: str | None = field_spec(None, "File type; inferred from the extension.", (None, "jsonl", "json", "csv", "parquet"))
+    type: str | None = field_spec(None, "File type; inferred from the extension.",
+                                  (None, "jsonl", "json", "csv", "parquet"))
     format: str = field_spec("messages", "Row format.", FORMATS)
     columns: dict[str, str] = field_spec({}, "Standard field -> column name, e.g. {messages: conversations}.")
     max_rows: int | None = field_spec(None, "Read at most this many rows per split.", minimum=1)
@@ -98,7 +99,8 @@ def _guess_format(path: Path) -> str:
         else:
             import datasets
 
-            keys = set(datasets.load_dataset(FILE_TYPES[path.suffix], data_files=str(path), split="train[:1]").column_names)
+            keys = set(datasets.load_dataset(FILE_TYPES[path.suffix], data_files=str(path),
+                                             split="train[:1]").column_names)
     except (StopIteration, ValueError) as e:
         raise FinetuneError(f"{path}: cannot read its first row to tell the format: {e}") from None
     for fmt, need in [
@@ -109,7 +111,8 @@ def _guess_format(path: Path) -> str:
         if need <= keys:
             return fmt
     raise FinetuneError(
-        f"{path}: cannot tell the format from the columns {sorted(keys)}; write a dataset YAML with `format` and `columns`"
+        f"{path}: cannot tell the format from the columns {sorted(keys)}; write a dataset YAML with "
+        "`format` and `columns`"
     )
 
 
@@ -157,7 +160,8 @@ def read_rows(spec: DatasetSpec, split: str, max_rows: int | None = None) -> tup
         import datasets
 
         try:
-            ds = datasets.load_dataset(file_type, data_files=str(path), split="train", cache_dir=str(home_dir() / "hf-datasets"))
+            ds = datasets.load_dataset(file_type, data_files=str(path), split="train",
+                                       cache_dir=str(home_dir() / "hf-datasets"))
         except Exception as e:  # datasets raises many types for a bad file
             raise FinetuneError(f"{path}: cannot read as {file_type}: {e}") from None
         # Row numbers as a person counts them: csv has a header line, others start at 1.
@@ -225,7 +229,8 @@ def to_messages(spec: DatasetSpec, row) -> list[dict] | str:
             if not isinstance(instruction, str) or not isinstance(extra, str):
                 return RowError("instruction/input is not text")
             prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": row[_col(spec, "output")]}]
+            messages = [{"role": "user", "content": prompt},
+                        {"role": "assistant", "content": row[_col(spec, "output")]}]
             if row.get("system"):
                 messages.insert(0, {"role": "system", "content": row["system"]})
         elif fmt == "prompt_completion":
@@ -331,7 +336,8 @@ def conversations_of(spec: DatasetSpec, row) -> list[list[dict]]:
     a chat row itself; prompt + chosen and prompt + rejected of a pair; prompt + completion of an unpaired row."""
     if spec.format == "preference":
         pair = to_preference(spec, row)
-        return [] if isinstance(pair, RowError) else [pair["prompt"] + pair["chosen"], pair["prompt"] + pair["rejected"]]
+        return [] if isinstance(pair, RowError) else [pair["prompt"] + pair["chosen"],
+                                                      pair["prompt"] + pair["rejected"]]
     if spec.format == "unpaired_preference":
         example = to_unpaired(spec, row)
         return [] if isinstance(example, RowError) else [example["prompt"] + example["completion"]]
@@ -481,7 +487,8 @@ def _load_split(ref, tokenizer, templates, data_cfg, seed: int) -> tuple[list, d
             truncated += 1
         if all(label == -100 for label in tok["labels"]):
             cut = tok["full_length"] > data_cfg.max_length
-            reasons["answer truncated away by max_length" if cut else "no trained tokens (template marks no answer)"] += 1
+            reasons["answer truncated away by max_length" if cut
+                    else "no trained tokens (template marks no answer)"] += 1
             continue
         rows.append({"input_ids": tok["input_ids"], "labels": tok["labels"], "prompt": prompt_text(example)})
     stats = {
@@ -542,7 +549,8 @@ def _build_cache_entry(entry: Path, data_cfg, tokenizer, templates, seed: int) -
         per_dataset.append({**stats, "held_out": True})
         hashes.update(digest)
     if not train_rows:
-        counts = "; ".join(f"{s['dataset']}:{s['split']} read {s['rows_read']}, dropped {s['dropped']}" for s in per_dataset)
+        counts = "; ".join(f"{s['dataset']}:{s['split']} read {s['rows_read']}, dropped {s['dropped']}"
+                           for s in per_dataset)
         raise FinetuneError(f"no training rows left after checks ({counts}); see `finetune validate`")
     overlap = find_overlap([r["prompt"] for r in train_rows], [r["prompt"] for r in eval_rows]) if eval_rows else None
     stats = {
@@ -577,7 +585,8 @@ def prepare_rows(data_cfg, shape: str, stage: str, seed: int = 42) -> Prepared:
             per_dataset.append({"dataset": ref.name, "split": ref.split, "rows_read": rows_read, "rows": len(rows),
                                 "dropped": dict(reasons), **({"held_out": True} if which == "eval" else {})})
     if not splits["train"]:
-        counts = "; ".join(f"{s['dataset']}:{s['split']} read {s['rows_read']}, dropped {s['dropped']}" for s in per_dataset)
+        counts = "; ".join(f"{s['dataset']}:{s['split']} read {s['rows_read']}, dropped {s['dropped']}"
+                           for s in per_dataset)
         raise FinetuneError(f"no training rows left after checks ({counts}); see `finetune validate`")
     prompt = lambda row: prompt_text([*row["prompt"], {"role": "assistant", "content": ""}])  # noqa: E731
     overlap = (find_overlap([prompt(r) for r in splits["train"]], [prompt(r) for r in splits["eval"]])

@@ -24,9 +24,11 @@ from finetune.generate import PROMPT_STYLES, add_decoding_arguments, add_model_a
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("model", metavar="MODEL", help="embedded:smollm2-135m, a run directory, a model folder or a hub id")
+    parser.add_argument("model", metavar="MODEL",
+                        help="embedded:smollm2-135m, a run directory, a model folder or a hub id")
     parser.add_argument("--data", required=True, metavar="NAME",
-                        help="a datasets_cfg name (e.g. json_extract), a dataset YAML or data file, or a .jsonl prompt file")
+                        help="a datasets_cfg name (e.g. json_extract), a dataset YAML or data file, or a .jsonl "
+                             "prompt file")
     parser.add_argument("--split", default=None, help="dataset split (default: heldout, else the only split)")
     parser.add_argument("--max-prompts", type=int, default=None, metavar="N", help="use the first N prompts")
     parser.add_argument("--prompt-style", default=None, choices=PROMPT_STYLES,

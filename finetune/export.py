@@ -14,10 +14,10 @@ adapter model (the base weights the adapter saw in training + the unmerged adapt
 conversations: max |logit difference|, mean KL, greedy next-token agreement, at the positions that predict
 the assistant's answer; the same for the base vs the adapter model. Both sides compute in fp32, so the
 figures measure the merge and the export dtype's rounding, not activation noise. A position where the
-reference scores both picks within 0.05 logits (a near-tie) counts as agreeing; such flips are reported. The export fails (nothing
-published) when agreement < 99.5% or mean KL > 1e-3 (fp32 and bf16 alike), or when the base is as close to
-the adapter model as the merge noise (the adapter was lost). A stop check then generates greedily on
-held-out prompts and reports how often the model ends with an end-of-turn token.
+reference scores both picks within 0.05 logits (a near-tie) counts as agreeing; such flips are reported. The
+export fails (nothing published) when agreement < 99.5% or mean KL > 1e-3 (fp32 and bf16 alike), or when the
+base is as close to the adapter model as the merge noise (the adapter was lost). A stop check then generates
+greedily on held-out prompts and reports how often the model ends with an end-of-turn token.
 
 A reward run (`stage: reward`, a sequence classifier) is merged the same way and gated on scores instead of
 logits: the reloaded folder's scores of held-out conversations (prompt + chosen, prompt + rejected) against
@@ -56,12 +56,14 @@ SCORE_TIE = 0.01
 def add_arguments(parser) -> None:
     parser.add_argument("run_dir", help="a run directory written by `finetune train`")
     parser.add_argument("--out", help="target folder (default RUN_DIR/export, or RUN_DIR/export-adapter)")
-    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weights dtype (default: the base's published dtype)")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+                        help="weights dtype (default: the base's published dtype)")
     parser.add_argument("--shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB, 500MB (default 2GB)")
     parser.add_argument("--merge-base", choices=["dequantized", "original"], default="dequantized",
                         help="for an adapter trained on a 4-bit/8-bit base: merge into the dequantized weights it "
                              "saw in training (default) or into the original full-precision weights")
-    parser.add_argument("--adapter-only", action="store_true", help="export the adapter (PEFT format) instead of merging")
+    parser.add_argument("--adapter-only", action="store_true",
+                        help="export the adapter (PEFT format) instead of merging")
     parser.add_argument("--skip-stop-check", action="store_true", help="skip the generation-based stop check")
 
 
@@ -88,7 +90,9 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
     start = time.time()
     run = read_run(run_dir)
     if run.get("status") != "completed":
-        raise FinetuneError(f"{run_dir}/run.json: status is {run.get('status')!r}; only a completed run can be exported")
+        raise FinetuneError(
+            f"{run_dir}/run.json: status is {run.get('status')!r}; only a completed run can be exported"
+        )
     adapter_dir = run_dir / "adapter"
     _check_adapter(adapter_dir)
     out = out or run_dir / ("export-adapter" if adapter_only else "export")
@@ -133,7 +137,8 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
     if getattr(merged.config, "quantization_config", None) is not None:
         del merged.config.quantization_config
     _untie_if_head_trained(merged)
-    eos_ids = sorted({i for i in [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end_of_turn)] if i is not None})
+    eos_ids = sorted({i for i in [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end_of_turn)]
+                      if i is not None})
     if task == "causal_lm":
         eos_ids = sorted({*eos_ids, *_as_list(merged.generation_config.eos_token_id)})
         merged.generation_config.eos_token_id = eos_ids
@@ -175,7 +180,9 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
         failures = _score_gate_failures(report) if task == "seq_cls" else _gate_failures(report)
         waived = [f for f in failures if "adapter was lost" not in f] if bits and merge_base == "original" else []
         failures = [f for f in failures if f not in waived]
-        report["gate"] = "failed" if failures else ("waived: merged into the original weights, as asked" if waived else "passed")
+        report["gate"] = "failed" if failures else (
+            "waived: merged into the original weights, as asked" if waived else "passed"
+        )
         report["waived"] = waived
         if failures:
             if export_dtype != torch.float32 and not any("adapter was lost" in f for f in failures):
@@ -194,7 +201,8 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
         report["seconds"] = round(time.time() - start, 1)
         report["size_bytes"] = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
         write_json(tmp / "export_report.json", report)
-        write_text(tmp / "README.md", _reward_card(run, report, out) if task == "seq_cls" else _model_card(run, report, out))
+        write_text(tmp / "README.md",
+                   _reward_card(run, report, out) if task == "seq_cls" else _model_card(run, report, out))
     _print_report(report, out)
     return report
 
@@ -216,7 +224,9 @@ def _check_adapter(adapter_dir: Path) -> None:
         json.loads(config.read_text())
         tensors = load_file(weights)
     except (SafetensorError, json.JSONDecodeError, OSError, ValueError) as e:
-        raise FinetuneError(f"{weights.parent}: the adapter is corrupted ({e}); re-run training or restore it") from None
+        raise FinetuneError(
+            f"{weights.parent}: the adapter is corrupted ({e}); re-run training or restore it"
+        ) from None
     import torch
 
     bad = [k for k, v in tensors.items() if not torch.isfinite(v.float()).all()]
@@ -231,7 +241,8 @@ def _check_target(out: Path, run_dir: Path) -> None:
     if out.resolve() in (run_dir.resolve(), *run_dir.resolve().parents):
         raise FinetuneError(f"--out {out} is the run directory or holds it; pick a folder for the export")
     if out.exists() and not (out.is_dir() and ((out / "export_report.json").is_file() or
-                                               (out / "adapter_config.json").is_file() and (out / "recipe.yaml").is_file())):
+                                               ((out / "adapter_config.json").is_file() and
+                                                (out / "recipe.yaml").is_file()))):
         raise FinetuneError(f"--out {out} already exists and is not a previous export; pick another path or remove it")
 
 
@@ -378,7 +389,9 @@ def _score_gate_failures(report: dict) -> list[str]:
     if merged["max_abs_score_diff"] > MAX_SCORE_DIFF:
         failures.append(f"max |score difference| {merged['max_abs_score_diff']:.3g} > {MAX_SCORE_DIFF:g}")
     if merged["pair_order_agreement"] < 1.0:
-        failures.append(f"the merged model orders {1 - merged['pair_order_agreement']:.2%} of the text pairs differently")
+        failures.append(
+            f"the merged model orders {1 - merged['pair_order_agreement']:.2%} of the text pairs differently"
+        )
     if base["max_abs_score_diff"] <= merged["max_abs_score_diff"]:
         failures.append("the base is as close to the adapter model as the merge noise: the adapter was lost")
     return failures
@@ -476,17 +489,20 @@ def _model_card(run: dict, report: dict, out: Path) -> str:
     merged, base = report["merged_vs_adapter"], report["base_vs_adapter"]
     stop = report.get("stop_check", {})
     base_name = run["base_model"].get("hub_id") or run["base_model"]["name"]
-    held_out = (f",\n  held-out loss {summary.get('eval_loss_before')} -> {summary.get('eval_loss_after')}"
-                if summary.get("eval_loss_before") is not None else "")
+    losses = f"train loss {summary.get('train_loss_first')} -> {summary.get('train_loss_last')}"
+    if summary.get("eval_loss_before") is not None:
+        losses += f",\n  held-out loss {summary.get('eval_loss_before')} -> {summary.get('eval_loss_after')}"
+    chain = " -> ".join(f"{c['stage']} ({c['run_dir']})" for c in report["chain"])
+    base_kind = (f"QLoRA {report['quantization_bits']}-bit, merged into the {report['merge_base']} base"
+                 if report["quantization_bits"] else "full-precision base")
     return f"""# Chat model fine-tuned from {base_name}
 
 Merged by `finetune export` from the run in `{report['run_dir']}` (stage {run.get('stage')}, LoRA
-r={report['lora_r']}, {'QLoRA ' + str(report['quantization_bits']) + '-bit, merged into the '
-+ report['merge_base'] + ' base' if report['quantization_bits'] else 'full-precision base'}). Weights: {report['dtype']}.
+r={report['lora_r']}, {base_kind}). Weights: {report['dtype']}.
 
 - Data: {data}
-- Trained in the chain {' -> '.join(f"{c['stage']} ({c['run_dir']})" for c in report['chain'])}: one adapter, merged
-- Steps: {summary.get('steps')}, train loss {summary.get('train_loss_first')} -> {summary.get('train_loss_last')}{held_out}
+- Trained in the chain {chain}: one adapter, merged
+- Steps: {summary.get('steps')}, {losses}
 - Faithful-merge gate ({report['gate_conversations']} held-out conversations): merged vs adapter model
   greedy agreement {merged['greedy_agreement']:.2%}, mean KL {merged['mean_kl']:.3g}, max logit difference
   {merged['max_abs_logit_diff']:.3g} (base vs adapter: {base['greedy_agreement']:.2%}, {base['mean_kl']:.3g})

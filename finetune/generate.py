@@ -324,7 +324,9 @@ def check_decoding(max_new_tokens: int = 64, decoding: str = "greedy", temperatu
         raise FinetuneError(f"beam search needs num_beams >= 2, got {num_beams}")
     if decoding == "sample":
         if temperature <= 0:
-            raise FinetuneError(f"temperature must be above 0 for sampling, got {temperature} (greedy decoding is the limit at 0)")
+            raise FinetuneError(
+                f"temperature must be above 0 for sampling, got {temperature} (greedy decoding is the limit at 0)"
+            )
         if not 0 < top_p <= 1:
             raise FinetuneError(f"top_p must be in (0, 1], got {top_p}")
 
@@ -442,10 +444,12 @@ def add_decoding_arguments(parser, max_new_tokens: int = 64, batch: bool = True)
     group = parser.add_argument_group("decoding")
     group.add_argument("--decoding", default="greedy", choices=DECODINGS, help="greedy (default), beam or sample")
     group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (sample only)")
-    group.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens; 0 = all (sample only)")
+    group.add_argument("--top-k", type=int, default=50,
+                       help="sample from the k likeliest tokens; 0 = all (sample only)")
     group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (sample only)")
     group.add_argument("--num-beams", type=int, default=4, help="beams (beam only)")
-    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"answer length cap (default {max_new_tokens})")
+    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                       help=f"answer length cap (default {max_new_tokens})")
     group.add_argument("--seed", type=int, default=0, help="random seed: the same command repeats exactly")
     if batch:
         group.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default 16)")

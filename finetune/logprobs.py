@@ -13,7 +13,8 @@ from collections import defaultdict
 
 
 def _answer_ids(tokenizer, prompt: list[dict], answer: list[dict]) -> tuple[list[int], list[int]]:
-    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]
     full_ids = tokenizer.apply_chat_template([*prompt, *answer], tokenize=True, return_dict=True)["input_ids"]
     if full_ids[: len(prompt_ids)] != prompt_ids:  # templates that rewrite earlier turns: take the common prefix
         n = next((i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b), len(prompt_ids))
@@ -21,7 +22,8 @@ def _answer_ids(tokenizer, prompt: list[dict], answer: list[dict]) -> tuple[list
     return list(prompt_ids), list(full_ids[len(prompt_ids):])
 
 
-def completion_logps(model, tokenizer, prompts: list[list[dict]], answers: list[list[dict]], batch_size: int = 8) -> list[float]:
+def completion_logps(model, tokenizer, prompts: list[list[dict]], answers: list[list[dict]],
+                     batch_size: int = 8) -> list[float]:
     """Sum of log p(answer token | everything before it), one float per (prompt, answer)."""
     import torch
 
@@ -42,7 +44,8 @@ def completion_logps(model, tokenizer, prompts: list[list[dict]], answers: list[
                     ids[i, : len(p) + len(a)] = torch.tensor(p + a)
                     mask[i, : len(p) + len(a)] = 1
                 logits = model(input_ids=ids.to(model_device), attention_mask=mask.to(model_device)).logits.float()
-                logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:].to(model_device).unsqueeze(-1))[..., 0]
+                logp = torch.log_softmax(logits[:, :-1], -1).gather(
+                    -1, ids[:, 1:].to(model_device).unsqueeze(-1))[..., 0]
                 for i, (p, a) in enumerate(chunk):
                     out.append(logp[i, len(p) - 1 : len(p) + len(a) - 1].sum().item())
     finally:

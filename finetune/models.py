@@ -158,7 +158,8 @@ def load_model(model_cfg, quant_cfg=None, path: str | None = None, dtype: torch.
         kwargs["revision"] = model_cfg.revision
     if quant_cfg is not None and quant_cfg.bits:
         compute = dtype if quant_cfg.compute_dtype == "auto" else resolve_dtype(quant_cfg.compute_dtype)
-        kwargs["quantization_config"] = bnb_config(quant_cfg.bits, quant_cfg.quant_type, quant_cfg.double_quant, compute)
+        kwargs["quantization_config"] = bnb_config(quant_cfg.bits, quant_cfg.quant_type, quant_cfg.double_quant,
+                                                   compute)
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     if task == "seq_cls":

@@ -40,18 +40,24 @@ def field_spec(default, help, choices=None, minimum=None, maximum=None):
 
 @dataclass
 class ModelConfig:
-    name: str = field_spec("embedded:smollm2-135m", "Base model: a local HF folder, a hub id, or embedded:smollm2-135m.")
+    name: str = field_spec("embedded:smollm2-135m",
+                           "Base model: a local HF folder, a hub id, or embedded:smollm2-135m.")
     revision: str | None = field_spec(None, "Hub revision (branch, tag or commit) when `name` is a hub id.")
-    dtype: str = field_spec("auto", "Dtype of the frozen base weights; auto = bf16 where the hardware has it, else fp32.", DTYPES)
+    dtype: str = field_spec("auto",
+                            "Dtype of the frozen base weights; auto = bf16 where the hardware has it, else fp32.",
+                            DTYPES)
     attn_implementation: str = field_spec("sdpa", "Attention kernel.", ("sdpa", "eager", "flash_attention_2"))
     trust_remote_code: bool = field_spec(False, "Run Python code shipped with a hub model. Off unless you trust it.")
-    init_from: str | None = field_spec(None, "A completed run directory whose adapter this run continues training (e.g. DPO after "
-                                     "SFT); its model (base + adapter) is the frozen reference where the stage has one.")
+    init_from: str | None = field_spec(None, "A completed run directory whose adapter this run continues training "
+                                             "(e.g. DPO after SFT); its model (base + adapter) is the frozen reference "
+                                             "where the stage has one.")
 
 
 @dataclass
 class QuantizationConfig:
-    bits: int | None = field_spec(None, "Load the base in 4 or 8 bits with bitsandbytes (QLoRA); null = no quantization.", (None, 4, 8))
+    bits: int | None = field_spec(None,
+                                  "Load the base in 4 or 8 bits with bitsandbytes (QLoRA); null = no quantization.",
+                                  (None, 4, 8))
     quant_type: str = field_spec("nf4", "4-bit data type.", ("nf4", "fp4"))
     double_quant: bool = field_spec(True, "Quantize the 4-bit scales too (saves ~0.4 bit per weight).")
     compute_dtype: str = field_spec("auto", "Dtype the 4-bit matmuls compute in; auto follows model.dtype.", DTYPES)
@@ -59,22 +65,28 @@ class QuantizationConfig:
 
 @dataclass
 class AdapterConfig:
-    type: str = field_spec("lora", "lora trains low-rank adapters; none trains every weight (full fine-tuning).", ("lora", "none"))
+    type: str = field_spec("lora", "lora trains low-rank adapters; none trains every weight (full fine-tuning).",
+                           ("lora", "none"))
     r: int = field_spec(16, "LoRA rank.", minimum=1)
-    alpha: int = field_spec(32, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with use_rslora).", minimum=1)
+    alpha: int = field_spec(32, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with use_rslora).",
+                            minimum=1)
     dropout: float = field_spec(0.05, "Dropout on the LoRA input.", minimum=0.0, maximum=1.0)
-    target_modules: list[str] = field_spec(["all-linear"], "Modules to adapt: names, or all-linear for every linear layer but the head.")
+    target_modules: list[str] = field_spec(["all-linear"], "Modules to adapt: names, or all-linear for every linear "
+                                                           "layer but the head.")
     use_dora: bool = field_spec(False, "Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = field_spec(False, "Rank-stabilised scaling alpha/sqrt(r).")
-    modules_to_save: list[str] = field_spec([], "Modules trained in full and saved with the adapter (e.g. lm_head, embed_tokens).")
+    modules_to_save: list[str] = field_spec([], "Modules trained in full and saved with the adapter (e.g. lm_head, "
+                                                "embed_tokens).")
     dtype: str = field_spec("fp32", "Dtype of the adapter weights (and so of their optimizer state).", ("fp32", "bf16"))
 
 
 @dataclass
 class DatasetRef:
-    name: str = field_spec("", "A datasets_cfg/ name, a path to a dataset YAML, or a data file (.jsonl/.json/.csv/.parquet).")
+    name: str = field_spec("", "A datasets_cfg/ name, a path to a dataset YAML, or a data file "
+                               "(.jsonl/.json/.csv/.parquet).")
     split: str = field_spec("train", "Which split of the dataset YAML to read.")
-    weight: float = field_spec(1.0, "Mixture weight: keeps round(weight * rows) rows, repeating rows when above 1.", minimum=0.0)
+    weight: float = field_spec(1.0, "Mixture weight: keeps round(weight * rows) rows, repeating rows when above 1.",
+                               minimum=0.0)
     max_rows: int | None = field_spec(None, "Read at most this many rows (before weighting).", minimum=1)
 
 
@@ -82,13 +94,17 @@ class DatasetRef:
 class DataConfig:
     datasets: list[DatasetRef] = field_spec([], "Training datasets.")
     eval_datasets: list[DatasetRef] = field_spec([], "Held-out datasets for eval loss and the overlap check.")
-    chat_template: str = field_spec("auto", "Training chat template: auto (from the model), smollm2, chatml, qwen2_5, llama3, or a .jinja path.")
+    chat_template: str = field_spec("auto", "Training chat template: auto (from the model), smollm2, chatml, qwen2_5, "
+                                            "llama3, or a .jinja path.")
     max_length: int = field_spec(512, "Tokens per sequence (per packed row when packing).", minimum=8)
-    packing: bool = field_spec(True, "Pack several rows per sequence, kept apart by position ids (exact, no cross-attention).")
+    packing: bool = field_spec(True, "Pack several rows per sequence, kept apart by position ids (exact, no "
+                                     "cross-attention).")
     assistant_only_loss: bool = field_spec(True, "Train only on assistant tokens and their end-of-turn tokens.")
     strict: bool = field_spec(True, "Stop at the first malformed row; false skips them (counted per reason).")
-    max_drop_fraction: float = field_spec(0.01, "In lenient mode, fail when more than this share of rows is dropped.", minimum=0.0, maximum=1.0)
-    cache_dir: str | None = field_spec(None, "Processed-data cache; default $FINETUNE_HOME/data (~/.cache/finetune/data).")
+    max_drop_fraction: float = field_spec(0.01, "In lenient mode, fail when more than this share of rows is dropped.",
+                                          minimum=0.0, maximum=1.0)
+    cache_dir: str | None = field_spec(None,
+                                       "Processed-data cache; default $FINETUNE_HOME/data (~/.cache/finetune/data).")
 
 
 @dataclass
@@ -101,8 +117,10 @@ class TrainConfig:
 
 @dataclass
 class RewardSource:
-    function: str | None = field_spec(None, "A rule reward by name (finetune/rewards.py): exact_match, format, length, ...")
-    model: str | None = field_spec(None, "A reward model: a `stage: reward` run directory or an exported reward model folder.")
+    function: str | None = field_spec(None,
+                                      "A rule reward by name (finetune/rewards.py): exact_match, format, length, ...")
+    model: str | None = field_spec(None, "A reward model: a `stage: reward` run directory or an exported reward model "
+                                         "folder.")
     weight: float = field_spec(1.0, "Weight of this reward in the sum the policy maximises.")
 
 
@@ -113,7 +131,8 @@ class Recipe:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    rewards: list[RewardSource] = field_spec([], "Reward sources of the grpo and rloo stages, each a function or a model, weighted.")
+    rewards: list[RewardSource] = field_spec([], "Reward sources of the grpo and rloo stages, each a function or a "
+                                                 "model, weighted.")
     output_dir: str = field_spec("", "Run directory. Refused if it exists, unless train.resume or overwrite.")
     overwrite: bool = field_spec(False, "Replace an existing output_dir.")
     seed: int = field_spec(42, "Seed for data order, adapter init and training.")
@@ -373,7 +392,9 @@ def _check_recipe(r: Recipe) -> None:
     if r.model.dtype == "fp16" and r.train.args.get("bf16"):
         raise FinetuneError(f"{src}: model.dtype = fp16 with train.bf16 = true; pick one precision")
     if r.train.resume and r.overwrite:
-        raise FinetuneError(f"{src}: train.resume and overwrite are both true; resume keeps output_dir, overwrite deletes it")
+        raise FinetuneError(
+            f"{src}: train.resume and overwrite are both true; resume keeps output_dir, overwrite deletes it"
+        )
     args = r.train.args
     if r.train.stage in ("grpo", "rloo") and not r.rewards:
         raise FinetuneError(
@@ -384,7 +405,9 @@ def _check_recipe(r: Recipe) -> None:
         raise FinetuneError(f"{src}: rewards is used by the grpo and rloo stages only, not by stage {r.train.stage}")
     for i, source in enumerate(r.rewards):
         if (source.function is None) == (source.model is None):
-            raise FinetuneError(f"{src}: rewards[{i}] needs exactly one of `function` (a rule) or `model` (a reward run)")
+            raise FinetuneError(
+                f"{src}: rewards[{i}] needs exactly one of `function` (a rule) or `model` (a reward run)"
+            )
         if source.function is not None:
             from finetune.rewards import check_function_name
 

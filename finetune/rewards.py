@@ -77,7 +77,8 @@ def check_source(spec: str) -> dict | None:
         return run
     config = _config(models.resolve_model(spec), spec)
     architectures = getattr(config, "architectures", None) or []
-    if getattr(config, "num_labels", None) != 1 or not any(a.endswith("ForSequenceClassification") for a in architectures):
+    if (getattr(config, "num_labels", None) != 1
+            or not any(a.endswith("ForSequenceClassification") for a in architectures)):
         raise FinetuneError(
             f"{spec}: not a reward model: a reward source is a sequence classifier with one output "
             f"(num_labels 1); this one is {architectures or 'unknown'} with {getattr(config, 'num_labels', '?')} "

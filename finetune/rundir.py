@@ -34,7 +34,8 @@ SECRET_ENV = (
     "MLFLOW_TRACKING_TOKEN", "COMET_API_KEY", "NEPTUNE_API_TOKEN", "OPENAI_API_KEY",
 )
 # Keys whose values are credentials. Exact names, so that e.g. pad_token or added_tokens stay readable.
-SECRET_KEYS = {"token", "hub_token", "hf_token", "access_token", "auth_token", "api_key", "apikey", "password", "secret"}
+SECRET_KEYS = {"token", "hub_token", "hf_token", "access_token", "auth_token", "api_key", "apikey", "password",
+               "secret"}
 SECRET_SUFFIXES = ("_api_key", "_password", "_secret", "_access_token", "_auth_token")
 PACKAGES = ("finetune", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "safetensors")
 
@@ -202,7 +203,8 @@ class RunCallback(TrainerCallback):
             self.first_count = self.first_count or self.last_count
         if not self.is_main or not logs:
             return
-        row = {"step": state.global_step, "epoch": state.epoch, "time_s": round(time.time() - self.start_time, 2), **logs}
+        row = {"step": state.global_step, "epoch": state.epoch, "time_s": round(time.time() - self.start_time, 2),
+               **logs}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(redact(row)) + "\n")
 

@@ -144,7 +144,8 @@ def _add_missing_tokens(tokenizer, family: str) -> list[str]:
 
 def end_of_turn_token_id(tokenizer, training_template: str) -> int:
     """The token that closes an assistant turn: the last token inside the generation markers."""
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "x"}]
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": "x"}]
     out = tokenizer.apply_chat_template(
         messages, chat_template=training_template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )

@@ -7,8 +7,8 @@ import html
 import json
 
 import pytest
-
 from conftest import CONVERSATIONS, tiny_recipe, write_jsonl
+
 from finetune import cli
 from finetune.generate import generate, load_for_inference, release
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import CONVERSATIONS, write_jsonl
+
 from finetune import data as data_lib
 from finetune import templates
 from finetune.errors import FinetuneError
@@ -69,7 +69,8 @@ def test_formats_convert_to_the_same_messages(tmp_path):
     for fmt, row in rows.items():
         spec = data_lib.DatasetSpec(format=fmt)
         assert data_lib.to_messages(spec, row) == want, fmt
-    alpaca = data_lib.to_messages(data_lib.DatasetSpec(format="alpaca"), {"instruction": "Q", "input": "ctx", "output": "A"})
+    alpaca = data_lib.to_messages(data_lib.DatasetSpec(format="alpaca"),
+                                  {"instruction": "Q", "input": "ctx", "output": "A"})
     assert alpaca[0]["content"] == "Q\n\nctx"
     mapped = data_lib.DatasetSpec(format="prompt_completion", columns={"prompt": "question", "completion": "answer"})
     assert data_lib.to_messages(mapped, {"question": "Q", "answer": "A"}) == want
@@ -77,7 +78,8 @@ def test_formats_convert_to_the_same_messages(tmp_path):
 
 
 def test_format_is_guessed_for_bare_files(tmp_path):
-    assert data_lib.load_spec(str(write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Q", "output": "A"}]))).format == "alpaca"
+    assert data_lib.load_spec(str(write_jsonl(tmp_path / "a.jsonl",
+                                              [{"instruction": "Q", "output": "A"}]))).format == "alpaca"
     assert data_lib.load_spec(str(write_jsonl(tmp_path / "b.jsonl", [{"conversations": []}]))).format == "sharegpt"
     (tmp_path / "c.csv").write_text("prompt,completion\nQ,A\n")
     assert data_lib.load_spec(str(tmp_path / "c.csv")).format == "prompt_completion"
@@ -127,7 +129,8 @@ def test_unknown_dataset_name_lists_known_ones():
 
 
 def test_shipped_skill_set_is_clean(smol_tokenizer, chat, tmp_path):
-    cfg = DataConfig(datasets=[DatasetRef(name="json_extract")], eval_datasets=[DatasetRef(name="json_extract", split="heldout")],
+    cfg = DataConfig(datasets=[DatasetRef(name="json_extract")],
+                     eval_datasets=[DatasetRef(name="json_extract", split="heldout")],
                      cache_dir=str(tmp_path / "cache"))
     stats = data_lib.prepare(cfg, smol_tokenizer, chat).stats
     assert stats["train_rows"] >= 300 and stats["eval_rows"] >= 50

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 import torch
+from conftest import CONVERSATIONS, build_tiny, tiny_recipe, write_jsonl
 from safetensors.torch import load_file, save_file
 
-from conftest import CONVERSATIONS, build_tiny, tiny_recipe, write_jsonl
 from finetune import export
-from finetune.stages import sft
 from finetune.errors import FinetuneError
+from finetune.stages import sft
 
 LONG = {"max_steps": 12, "learning_rate": 3e-2}
 

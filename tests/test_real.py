@@ -59,7 +59,8 @@ inputs = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensor
 out = model.generate(**inputs, max_new_tokens=64, do_sample=False)
 new = out[0, inputs["input_ids"].shape[1]:].tolist()
 assert not [m for m in sys.modules if m.split(".")[0] in ("finetune", "peft", "trl")], "imported more than transformers"
-print("STOPPED" if new[-1] in model.generation_config.eos_token_id else "RAN ON", repr(tok.decode(new, skip_special_tokens=True)))
+print("STOPPED" if new[-1] in model.generation_config.eos_token_id else "RAN ON",
+      repr(tok.decode(new, skip_special_tokens=True)))
 """
     fresh = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
@@ -91,7 +92,7 @@ def test_grpo_after_sft_samples_scores_and_updates_the_adapter(sft_run, tmp_path
     sft = json.loads((sft_dir / "run.json").read_text())
     assert run["adapter_sha256"] != sft["adapter_sha256"]
     logged = [json.loads(line) for line in (run_dir / "completions.jsonl").read_text().splitlines()]
-    assert len(logged) == 8 and all(r["rewards"]["exact_match"] in (0.0, 1.0) for r in logged)
+    assert len(logged) == 16 and all(r["rewards"]["exact_match"] in (0.0, 1.0) for r in logged)  # 2 x 8 answers
     # The SFT model already answers many prompts exactly: exact match is a reward with signal from step 1.
     assert 0 < run["summary"]["train_reward_first"] <= 1
 
@@ -113,4 +114,5 @@ def test_two_process_ddp_on_cpu_splits_the_batches(tmp_path, smol_path):
     for p in ranks:
         assert p["steps"] == 2
         assert p["batches_per_epoch"] * 2 == p["batches_per_epoch_all"]
-    assert sorted(x.name for x in run_dir.iterdir()) == ["adapter", "checkpoints", "loss_curve.png", "metrics.jsonl", "run.json"]
+    assert sorted(x.name for x in run_dir.iterdir()) == ["adapter", "checkpoints", "loss_curve.png", "metrics.jsonl",
+                                                          "run.json"]

@@ -125,7 +125,8 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
         f"finetune: error: {bad}: unknown key 'adapter.alpah'; did you mean 'adapter.alpha'?"
     )
     assert "Traceback" not in out.stderr
-    debug = subprocess.run([sys.executable, "-m", "finetune", "--debug", "validate", str(bad)], capture_output=True, text=True)
+    debug = subprocess.run([sys.executable, "-m", "finetune", "--debug", "validate", str(bad)],
+                           capture_output=True, text=True)
     assert "Traceback" in debug.stderr
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, Snapshot, tiny_recipe, write_jsonl  # noqa: F401
 from safetensors.torch import load_file
 
-from conftest import REPO, Snapshot, tiny_recipe, write_jsonl  # noqa: F401
 from finetune import stages
 from finetune.errors import FinetuneError
 
@@ -29,7 +29,8 @@ def _pairs(n: int, offset: int = 0) -> list[dict]:
 
 @pytest.fixture
 def pref_files(tmp_path):
-    return write_jsonl(tmp_path / "pref.jsonl", _pairs(32)), write_jsonl(tmp_path / "pref_heldout.jsonl", _pairs(12, 100))
+    return (write_jsonl(tmp_path / "pref.jsonl", _pairs(32)),
+            write_jsonl(tmp_path / "pref_heldout.jsonl", _pairs(12, 100)))
 
 
 def _recipe(tmp_path, model_dir, data, stage, eval_data=None, out="run", **sections):
@@ -41,7 +42,8 @@ def _recipe(tmp_path, model_dir, data, stage, eval_data=None, out="run", **secti
            "data": {"datasets": [str(data)], "eval_datasets": [str(eval_data)] if eval_data else [],
                     "max_length": 128, "cache_dir": str(tmp_path / "cache")},
            "train": {"stage": stage, "max_steps": 3, "learning_rate": 1e-2, "per_device_train_batch_size": 4,
-                     "save_steps": 100, "warmup_steps": 0, "lr_scheduler_type": "constant", **sections.get("train", {})},
+                     "save_steps": 100, "warmup_steps": 0, "lr_scheduler_type": "constant",
+                     **sections.get("train", {})},
            "rewards": sections.get("rewards", []),
            "output_dir": str(tmp_path / out)}
     return recipe_from_dict(raw, f"{stage}-recipe.yaml")
@@ -164,7 +166,8 @@ def test_dpo_without_init_from_trains_a_fresh_adapter_against_the_base(tmp_path,
     params = dict(snap.model.named_parameters())
     assert not [n for n in params if ".ref." in n]  # reference = base with the adapter disabled
     assert [n for n, b in snap.frozen.items() if not torch.equal(params[n].detach(), b)] == []
-    assert run["summary"]["heldout_preference_after"]["mean_margin"] > run["summary"]["heldout_preference_before"]["mean_margin"]
+    assert (run["summary"]["heldout_preference_after"]["mean_margin"]
+            > run["summary"]["heldout_preference_before"]["mean_margin"])
     assert run["chain"] == [{"stage": "dpo", "run_dir": str(run_dir)}]
 
 
@@ -200,7 +203,8 @@ def test_kto_trains_on_unpaired_examples_from_an_sft_run(tmp_path, tiny_llama, s
 
 
 def _prompt_file(tmp_path, reference: str, n: int = 16) -> Path:
-    rows = [{"messages": [{"role": "user", "content": f"Write anything ({i})."}, {"role": "assistant", "content": reference}]}
+    rows = [{"messages": [{"role": "user", "content": f"Write anything ({i})."},
+                          {"role": "assistant", "content": reference}]}
             for i in range(n)]
     return write_jsonl(tmp_path / "prompts.jsonl", rows)
 
@@ -213,8 +217,8 @@ def test_online_rl_with_a_rule_reward_raises_the_reward(tmp_path, tiny_qwen2, st
     data = _prompt_file(tmp_path, "x" * 40)
     recipe = _recipe(tmp_path, tiny_qwen2, data, stage, rewards=[{"function": "length"}],
                      adapter={"modules_to_save": ["lm_head"]},
-                     train={"max_steps": 12, "learning_rate": 2e-2, "num_generations": 8, "max_completion_length": 8, "temperature": 0.3,
-                            "per_device_train_batch_size": 8, "beta": 0.0, "logging_steps": 1})
+                     train={"max_steps": 12, "learning_rate": 2e-2, "num_generations": 8, "max_completion_length": 8,
+                            "temperature": 0.3, "per_device_train_batch_size": 8, "beta": 0.0, "logging_steps": 1})
     run_dir, run = _run(recipe)
     summary = run["summary"]
     assert summary["train_reward_last"] > summary["train_reward_first"] + 0.1, summary
@@ -248,7 +252,8 @@ def test_grpo_logs_the_reward_models_own_score_of_each_completion(tmp_path, tiny
 
 
 def test_a_dpo_recipe_on_sft_data_names_the_format(tmp_path, tiny_llama, chat_file):
-    with pytest.raises(FinetuneError, match=r"format messages does not fit stage dpo, which trains on preference pairs"):
+    with pytest.raises(FinetuneError,
+                       match=r"format messages does not fit stage dpo, which trains on preference pairs"):
         _run(_recipe(tmp_path, tiny_llama, chat_file, "dpo"))
 
 
@@ -278,8 +283,10 @@ def test_init_from_a_missing_or_unfinished_run_is_refused(tmp_path, tiny_llama, 
 
 def test_a_reward_source_that_is_not_a_one_output_classifier_is_refused(tmp_path, tiny_llama, sft_run):
     data = _prompt_file(tmp_path, GOOD, 4)
-    for source, why in [(str(tiny_llama), "not a reward model: a reward source is a sequence classifier with one output"),
-                        (str(sft_run), "run of stage 'sft', not a reward model")]:
+    for source, why in [
+        (str(tiny_llama), "not a reward model: a reward source is a sequence classifier with one output"),
+        (str(sft_run), "run of stage 'sft', not a reward model"),
+    ]:
         with pytest.raises(FinetuneError, match=why):
             _run(_recipe(tmp_path, tiny_llama, data, "grpo", rewards=[{"model": source}],
                          train={"num_generations": 4}))
@@ -337,12 +344,23 @@ def test_every_stage_runs_two_steps_under_two_process_accelerate(tmp_path, tiny_
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_validate_builds_the_stage_the_recipe_names(tmp_path, tiny_llama, pref_files, capsys):
+@pytest.mark.parametrize("stage, config, field", [
+    ("dpo", "DPOConfig", '"chosen"'), ("reward", "RewardConfig", '"rejected"'),
+    ("kto", "KTOConfig", '"label"'), ("grpo", "GRPOConfig", '"reference"'),
+])
+def test_validate_builds_the_stage_the_recipe_names(tmp_path, tiny_llama, pref_files, capsys, stage, config, field):
     from finetune.validate import main as validate
 
     train, heldout = pref_files
-    shown = validate(_recipe(tmp_path, tiny_llama, train, "dpo", heldout))
-    assert '"chosen"' in shown["example"] and GOOD in shown["example"]
-    assert "TRL config DPOConfig" in capsys.readouterr().out
-    assert shown["stats"]["train_rows"] == 32 and shown["stats"]["eval_rows"] == 12
+    extra = {}
+    if stage == "kto":
+        rows = [{"prompt": p["prompt"], "completion": p["chosen"], "label": True} for p in _pairs(32)]
+        train = heldout = write_jsonl(tmp_path / "kto.jsonl", rows)
+    if stage == "grpo":
+        train = heldout = _prompt_file(tmp_path, GOOD, 12)
+        extra = {"rewards": [{"function": "exact_match"}], "train": {"num_generations": 4}}
+    shown = validate(_recipe(tmp_path, tiny_llama, train, stage, heldout, **extra))
+    assert field in shown["example"]
+    assert f"TRL config {config}" in capsys.readouterr().out
+    assert shown["stats"]["train_rows"] in (12, 32) and shown["stats"]["eval_rows"] in (12, 32)
     assert not (tmp_path / "run").exists()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import CONVERSATIONS, tiny_recipe, write_jsonl
+
 from finetune import templates
 from finetune.errors import FinetuneError
 
@@ -86,7 +86,8 @@ def _expected_mask(tokenizer, conversation):
 
 
 @pytest.mark.parametrize("packing", [True, False])
-def test_trained_tokens_of_a_multi_turn_chat_are_exactly_the_assistant_turns(tmp_path, tiny_llama, smol_tokenizer, packing):
+def test_trained_tokens_of_a_multi_turn_chat_are_exactly_the_assistant_turns(tmp_path, tiny_llama, smol_tokenizer,
+                                                                              packing):
     """Taken from the trainer's collated batch; SmolLM2's pad token IS its end-of-turn token (<|im_end|>)."""
     from finetune.stages.runner import build
 
@@ -121,9 +122,9 @@ def test_validate_shows_the_trained_tokens(tmp_path, tiny_llama, chat_file):
 def test_added_chat_tokens_get_trained_embedding_rows_that_are_saved(tmp_path):
     """A base model whose vocabulary lacks <|im_start|>/<|im_end|>: the tokens are added, their embedding rows
     are trained (peft trainable tokens) and saved with the adapter; the other rows stay as they were."""
+    from conftest import build_tiny
     from safetensors.torch import load_file
 
-    from conftest import build_tiny
     from finetune.stages import sft
 
     tok = _word_tokenizer()

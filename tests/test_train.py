@@ -8,11 +8,11 @@ import signal
 
 import pytest
 import torch
+from conftest import CONVERSATIONS, Snapshot, tiny_recipe, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import CONVERSATIONS, Snapshot, tiny_recipe, write_jsonl
-from finetune.stages import sft
 from finetune.errors import FinetuneError
+from finetune.stages import sft
 
 
 def _quant(bits):
@@ -66,9 +66,8 @@ def test_after_generate_every_qlora_tensor_still_gets_a_gradient(tiny_llama):
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
-    from finetune.recipe import ModelConfig, QuantizationConfig
-
     from finetune.models import load_model
+    from finetune.recipe import ModelConfig, QuantizationConfig
 
     model = load_model(ModelConfig(name=str(tiny_llama)), QuantizationConfig(bits=4))
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]

@@ -9,7 +9,8 @@ policy moves toward answers that beat their group's mean. `train.beta` weighs th
 reference model (TRL's GRPO default is 0: no reference at all); with `model.init_from` the reference is
 that run's model, else the base. Data: any chat format; the prompt is everything before the last assistant
 turn, which is the reference answer for rule rewards. Held-out figure: TRL's eval reward on the held-out
-prompts. Every sampled answer and its rewards go to RUN_DIR/completions.jsonl, to read what was rewarded. On CPU with QLoRA, sampling is a no-grad forward of the 4-bit layers: finetune.models guards the
+prompts. Every sampled answer and its rewards go to RUN_DIR/completions.jsonl, to read what was rewarded.
+On CPU with QLoRA, sampling is a no-grad forward of the 4-bit layers: finetune.models guards the
 bitsandbytes repacking that would otherwise silently stop LoRA gradients after it.
 """
 
@@ -94,7 +95,7 @@ held_out = runner.eval_loss
 
 def summary(before, after, history) -> dict:
     rewards = [row["reward"] for row in history if "reward" in row]
-    k = max(1, min(3, len(rewards) // 2))  # mean of the first and last few logged steps: one step is noisy
+    k = max(1, min(5, len(rewards) // 4))  # mean of the first and last few logged steps: one step is noisy
     mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
     return {
         "train_reward_first": mean(rewards[:k]),

@@ -40,7 +40,8 @@ def held_out(trainer, prepared) -> dict | None:
         return None
     rows = list(prepared.eval)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    logps = completion_logps(model, trainer.processing_class, [r["prompt"] for r in rows], [r["completion"] for r in rows])
+    logps = completion_logps(model, trainer.processing_class, [r["prompt"] for r in rows],
+                             [r["completion"] for r in rows])
     good = [lp for lp, r in zip(logps, rows) if r["label"]]
     bad = [lp for lp, r in zip(logps, rows) if not r["label"]]
     mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731

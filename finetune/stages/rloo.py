@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from finetune.stages import runner
 from finetune.stages.grpo import (  # noqa: F401 - the same as GRPO's
-    DEFAULTS, OWNS, completion_log, config_kwargs, held_out, prepare, reward_inputs, summary,
+    DEFAULTS,
+    OWNS,
+    completion_log,
+    config_kwargs,
+    held_out,
+    prepare,
+    reward_inputs,
+    summary,
 )
 
 CONFIG = "RLOOConfig"

@@ -32,7 +32,13 @@ from finetune import templates as templates_lib
 from finetune.errors import FinetuneError
 from finetune.recipe import Recipe
 from finetune.rundir import (
-    RunCallback, RunRecord, check_output_dir, clear_output_dir, git_commit, package_versions, plot_losses,
+    RunCallback,
+    RunRecord,
+    check_output_dir,
+    clear_output_dir,
+    git_commit,
+    package_versions,
+    plot_losses,
     read_completed_run,
 )
 
