@@ -136,7 +136,7 @@ def build(recipe: Recipe, callbacks=()) -> Built:
     adapter_dtype = torch.float32 if recipe.adapter.dtype == "fp32" else torch.bfloat16
     compute_dtype = models.resolve_dtype(recipe.model.dtype)
     for name, param in trainer.model.named_parameters():
-        want = adapter_dtype if "lora_" in name else compute_dtype
+        want = compute_dtype if ".modules_to_save." in name else adapter_dtype
         if param.requires_grad and param.dtype != want:
             param.data = param.data.to(want)
     if init_adapter is not None:
