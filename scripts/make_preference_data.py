@@ -7,7 +7,7 @@ in the fixed order name, age, city:
 
     {"name": "Maria Lopez", "age": 34, "city": "Lisbon"}
 
-Each pair has that canonical answer as "chosen" and, as "rejected", one of five
+Each pair has that canonical answer as "chosen" and, as "rejected", one of four
 realistic failures of a small model:
 
     pretty          the same object pretty-printed (json.dumps(indent=2)), multi-line
@@ -15,21 +15,9 @@ realistic failures of a small model:
     distractor_age  compact JSON, right keys and order, but the age is another number
                     that occurs in the text (years lived, a count, a house number, ...)
     key_order       compact JSON with the right values but the keys in another order
-    name_split      compact JSON, right keys, order, age and city, but the name copied
-                    wrongly, as a small fine-tuned model does with rare names: one of
-                    (a) "J Joaquin Ivanov" (first letter, space, the whole name),
-                    (b) " Greta Khan" (a leading space inside the quotes),
-                    (c) "Greta Kowlski" (one interior letter of a surname of 4+ letters dropped),
-                    (d) " Greta Khan" and " Cape Town" (a leading space in name and city)
 
-For distractor_age, key_order and name_split the rejected text is about as long as
-the chosen one (name_split: within 2 characters), so a preference for the shorter
-answer cannot separate them.
-
-The first four types are generated together, shuffled, from one RNG stream (SEED);
-the name_split rows were added later and are generated after them, from their own
-stream (NAME_SPLIT_SEED), and appended to each split. So the rows of the first four
-types are byte-identical to the files from before name_split existed.
+For distractor_age and key_order the rejected text is about as long as the chosen
+one, so a preference for the shorter answer cannot separate them.
 
 Every text is built with make_skill_data's vocabulary and templates (imported,
 not copied) plus one appended sentence with a distractor number, for every
@@ -41,10 +29,10 @@ The generator is deterministic (fixed seed, stdlib only), so re-running it
 reproduces the committed files byte for byte.
 
 Outputs (relative to the repository root), in datasets_cfg/data/json_extract_pref/:
-    train.jsonl              400 pairs (80 per rejection type; the 80 name_split pairs last)
-    heldout.jsonl            100 pairs (20 per rejection type; the 20 name_split pairs last)
-    unpaired_train.jsonl     800 KTO rows (each pair as a chosen row, label true, then its rejected row, label false)
-    unpaired_heldout.jsonl   200 KTO rows
+    train.jsonl              320 pairs (80 per rejection type)
+    heldout.jsonl             80 pairs (20 per rejection type)
+    unpaired_train.jsonl     640 KTO rows (each pair as a chosen row, label true, then its rejected row, label false)
+    unpaired_heldout.jsonl   160 KTO rows
 
 Pair rows use TRL's conversational preference format:
     {"prompt": [system?, user], "chosen": [assistant], "rejected": [assistant], "rejection_type": TYPE}
@@ -69,17 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import make_skill_data as base  # noqa: E402  (the SFT generator: vocabulary, templates, prompts)
 
 SEED = 20240923  # not make_skill_data.SEED: the prompts are new texts
-# The first four types, shuffled together from SEED's stream; changing this tuple changes every one of their rows.
-SHUFFLED_TYPES = ("pretty", "prose", "distractor_age", "key_order")
-# name_split rows come after them, from their own stream, so adding them left the rows above unchanged.
-NAME_SPLIT_SEED = 20240924
-TYPES = SHUFFLED_TYPES + ("name_split",)
-# How name_split corrupts the name (each an equal share of the name_split rows of a split):
-#   initial       first letter of the first name + space + the full name  ("J Joaquin Ivanov")
-#   space         a leading space inside the quotes                       (" Greta Khan")
-#   drop_letter   one interior letter of the surname dropped (surname of at least 4 letters)  ("Greta Kowlski")
-#   space_city    a leading space before the name and before the city     (" Greta Khan", " Cape Town")
-NAME_SPLIT_CORRUPTIONS = ("initial", "space", "drop_letter", "space_city")
+TYPES = ("pretty", "prose", "distractor_age", "key_order")
 N_TRAIN_PER_TYPE = 80
 N_HELDOUT_PER_TYPE = 20
 SYSTEM_FRACTION = 0.10   # ~10% of rows get a system message, as in the SFT set
@@ -151,47 +129,12 @@ def make_rejected(rng, kind, name, age, city, user):
     raise ValueError(kind)
 
 
-def name_split_rejected(rng, corruption, first, last, age, city):
-    """The compact JSON with the name (and for space_city the city) miscopied as `corruption` says."""
-    name = f"{first} {last}"
-    if corruption == "initial":
-        return base.target(f"{first[0]} {name}", age, city)
-    if corruption == "space":
-        return base.target(f" {name}", age, city)
-    if corruption == "drop_letter":
-        i = rng.randrange(1, len(last) - 1)  # an interior letter: never the first or the last
-        return base.target(f"{first} {last[:i]}{last[i + 1:]}", age, city)
-    if corruption == "space_city":
-        return base.target(f" {name}", age, f" {city}")
-    raise ValueError(corruption)
-
-
-def name_split_corruption(chosen_obj, rejected_obj):
-    """Which NAME_SPLIT_CORRUPTIONS entry turns chosen into rejected (None if none does)."""
-    name, city = chosen_obj["name"], chosen_obj["city"]
-    bad_name, bad_city = rejected_obj["name"], rejected_obj["city"]
-    if bad_city == f" {city}":
-        return "space_city" if bad_name == f" {name}" else None
-    if bad_city != city:
-        return None
-    if bad_name == f"{name[0]} {name}":
-        return "initial"
-    if bad_name == f" {name}":
-        return "space"
-    first, last = name.split(" ", 1)
-    bad_first, _, bad_last = bad_name.partition(" ")
-    if (bad_first == first and len(last) >= 4
-            and any(last[:i] + last[i + 1:] == bad_last for i in range(1, len(last) - 1))):
-        return "drop_letter"
-    return None
-
-
-def build_split(rng, first_names, per_type, seen_users, used):
-    """Pairs of SHUFFLED_TYPES, per_type of each, in a shuffled order."""
-    kinds = [k for k in SHUFFLED_TYPES for _ in range(per_type)]
+def build_split(rng, first_names, per_type, seen_users):
+    kinds = [k for k in TYPES for _ in range(per_type)]
     rng.shuffle(kinds)
     n_system = round(len(kinds) * SYSTEM_FRACTION)
     system_idx = set(rng.sample(range(len(kinds)), n_system))
+    used = set()
     rows = []
     for i, kind in enumerate(kinds):
         while True:
@@ -214,51 +157,13 @@ def build_split(rng, first_names, per_type, seen_users, used):
     return rows
 
 
-def build_name_split(rng, first_names, n, seen_users, used):
-    """n name_split pairs, the corruptions in equal shares in a shuffled order; names new to `used`,
-    prompts new to `seen_users` (both updated)."""
-    assert n % len(NAME_SPLIT_CORRUPTIONS) == 0, n
-    corruptions = [c for c in NAME_SPLIT_CORRUPTIONS for _ in range(n // len(NAME_SPLIT_CORRUPTIONS))]
-    rng.shuffle(corruptions)
-    system_idx = set(rng.sample(range(n), round(n * SYSTEM_FRACTION)))
-    rows = []
-    for i, corruption in enumerate(corruptions):
-        while True:
-            first, last, age, city = base.sample_person(rng, first_names, used)
-            if corruption == "drop_letter" and len(last) < 4:  # "Li", "Kim": no interior letter worth dropping
-                used.discard((first, last))
-                continue
-            user = base.make_user(rng, make_text(rng, first, last, age, city))
-            if user not in seen_users:
-                break
-            used.discard((first, last))
-        seen_users.add(user)
-        prompt = []
-        if i in system_idx:
-            prompt.append({"role": "system", "content": rng.choice(base.SYSTEM_PROMPTS)})
-        prompt.append({"role": "user", "content": user})
-        rows.append({
-            "prompt": prompt,
-            "chosen": [{"role": "assistant", "content": base.target(f"{first} {last}", age, city)}],
-            "rejected": [{"role": "assistant",
-                          "content": name_split_rejected(rng, corruption, first, last, age, city)}],
-            "rejection_type": "name_split",
-        })
-    return rows
-
-
-def build(seed=SEED, name_split_seed=NAME_SPLIT_SEED):
-    """(train, heldout) preference pairs: in each split the SHUFFLED_TYPES pairs, then the name_split pairs."""
+def build(seed=SEED):
+    """(train, heldout) preference pairs."""
     rng = random.Random(seed)
     assert not set(base.FIRST_NAMES) & set(base.HELDOUT_FIRST_NAMES)
     seen_users = set()
-    used_train, used_heldout = set(), set()
-    train = build_split(rng, base.FIRST_NAMES, N_TRAIN_PER_TYPE, seen_users, used_train)
-    heldout = build_split(rng, base.HELDOUT_FIRST_NAMES, N_HELDOUT_PER_TYPE, seen_users, used_heldout)
-    # name_split: its own stream, after the others, so the rows above are the same as before it existed
-    ns_rng = random.Random(name_split_seed)
-    train += build_name_split(ns_rng, base.FIRST_NAMES, N_TRAIN_PER_TYPE, seen_users, used_train)
-    heldout += build_name_split(ns_rng, base.HELDOUT_FIRST_NAMES, N_HELDOUT_PER_TYPE, seen_users, used_heldout)
+    train = build_split(rng, base.FIRST_NAMES, N_TRAIN_PER_TYPE, seen_users)
+    heldout = build_split(rng, base.HELDOUT_FIRST_NAMES, N_HELDOUT_PER_TYPE, seen_users)
     return train, heldout
 
 
@@ -316,13 +221,6 @@ def check_pair(r):
         bad = json.loads(rejected)
         assert bad == obj and tuple(bad) != KEYS and "\n" not in rejected
         assert rejected == json.dumps(bad, ensure_ascii=False)  # compact
-    elif kind == "name_split":
-        bad = json.loads(rejected)
-        assert tuple(bad) == KEYS and "\n" not in rejected
-        assert rejected == base.target(bad["name"], bad["age"], bad["city"])  # compact
-        assert bad["age"] == obj["age"] and bad["name"] != obj["name"]
-        assert name_split_corruption(obj, bad) is not None, (chosen, rejected)
-        assert abs(len(rejected) - len(chosen)) <= 2
     else:
         raise AssertionError(f"unknown rejection_type {kind!r}")
 
@@ -341,16 +239,8 @@ def check(train, heldout, out_dir=None):
     for rows, per_type in ((train, N_TRAIN_PER_TYPE), (heldout, N_HELDOUT_PER_TYPE)):
         counts = {k: sum(r["rejection_type"] == k for r in rows) for k in TYPES}
         assert counts == {k: per_type for k in TYPES}, counts
-        assert len(rows) == per_type * len(TYPES)  # 400 train, 100 held-out pairs
         for r in rows:
             check_pair(r)
-        # the name_split pairs come last (appended after the shuffled types), the corruptions in equal shares
-        assert [r["rejection_type"] for r in rows[-per_type:]] == ["name_split"] * per_type
-        corruptions = [name_split_corruption(json.loads(r["chosen"][0]["content"]),
-                                             json.loads(r["rejected"][0]["content"])) for r in rows[-per_type:]]
-        share = per_type // len(NAME_SPLIT_CORRUPTIONS)
-        assert {c: corruptions.count(c) for c in NAME_SPLIT_CORRUPTIONS} == dict.fromkeys(NAME_SPLIT_CORRUPTIONS,
-                                                                                          share), corruptions
         users = [r["prompt"][-1]["content"] for r in rows]
         assert len(set(users)) == len(users)
         names = [json.loads(r["chosen"][0]["content"])["name"] for r in rows]
