@@ -262,7 +262,12 @@ def _as_turns(value, role: str, what: str) -> list[dict] | RowError:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def _prompt_of(spec: DatasetSpec, row: dict) -> list[dict] | RowError:
+def _prompt_of(spec: DatasetSpec, row) -> list[dict] | RowError:
+    """The prompt turns of a preference or unpaired row (the row itself checked first)."""
+    if isinstance(row, RowError):
+        return row
+    if not isinstance(row, dict):
+        return RowError("row is not an object")
     prompt = row.get(_col(spec, "prompt"))
     if prompt is None or prompt == [] or (isinstance(prompt, str) and not prompt.strip()):
         return RowError("no prompt")
@@ -275,10 +280,6 @@ def _prompt_of(spec: DatasetSpec, row: dict) -> list[dict] | RowError:
 def to_preference(spec: DatasetSpec, row) -> dict | RowError:
     """A preference row as TRL's conversational pair: prompt, chosen and rejected message lists, plus its kind
     (the `rejection_type` column where there is one, for per-type accuracy)."""
-    if isinstance(row, RowError):
-        return row
-    if not isinstance(row, dict):
-        return RowError("row is not an object")
     prompt = _prompt_of(spec, row)
     if isinstance(prompt, RowError):
         return prompt
@@ -300,10 +301,6 @@ def to_preference(spec: DatasetSpec, row) -> dict | RowError:
 
 def to_unpaired(spec: DatasetSpec, row) -> dict | RowError:
     """An unpaired row (KTO): prompt, one completion, and whether it is desirable (label true/false)."""
-    if isinstance(row, RowError):
-        return row
-    if not isinstance(row, dict):
-        return RowError("row is not an object")
     prompt = _prompt_of(spec, row)
     if isinstance(prompt, RowError):
         return prompt
