@@ -5,6 +5,7 @@ A stage module holds only what is its own:
     CONFIG          name of its TRL config class (`train` keys are checked against its fields)
     TASK            "causal_lm" or "seq_cls": the model class that loads, trains, exports and generates
     OWNS            TRL config keys that the recipe sets elsewhere for this stage (key -> where)
+    DEFAULTS        (optional) our defaults for its TRL config, over recipe.TRAIN_DEFAULTS
     config_kwargs(recipe) -> dict              TRL config values taken from other recipe sections
     prepare(recipe, tokenizer, chat, seed) -> data.Prepared   its data, checked (and cached where it pays)
     build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, recipe) -> trainer
