@@ -2,6 +2,7 @@
 masks, train/held-out overlap, and a cache keyed by content, tokenizer and template.
 
 Each stage reads rows in its own shape over the same sources and row rules (`ROW_SHAPES`):
+plain-text documents (pretrain: `format: text`, from .jsonl/.json/.csv/.parquet rows or .txt files),
 conversations (sft), preference pairs (reward, dpo: `format: preference`), unpaired examples (kto:
 `format: unpaired_preference`) and prompts with a reference answer (grpo, rloo: any chat format, the last
 assistant turn being the reference).
@@ -31,7 +32,9 @@ from finetune.recipe import build_section, field_spec, read_yaml_mapping
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "unpaired_preference")
 CHAT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
-FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "txt"}
+# In a .txt file, a line holding only this separates documents (a file without one is one document).
+TXT_SEPARATOR = "<|endoftext|>"
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 # Bumped when tokenization or checks change, so old cache entries are not reused.
@@ -54,7 +57,7 @@ class DatasetSpec:
     hub: str | None = field_spec(None, "Hub dataset id, read with datasets.load_dataset (needs network).")
     hub_splits: dict[str, str] = field_spec({}, "Our split name -> the hub dataset's split name.")
     type: str | None = field_spec(None, "File type; inferred from the extension.",
-                                  (None, "jsonl", "json", "csv", "parquet"))
+                                  (None, "jsonl", "json", "csv", "parquet", "txt"))
     format: str = field_spec("messages", "Row format.", FORMATS)
     columns: dict[str, str] = field_spec({}, "Standard field -> column name, e.g. {messages: conversations}.")
     max_rows: int | None = field_spec(None, "Read at most this many rows per split.", minimum=1)
@@ -85,7 +88,9 @@ def load_spec(name: str) -> DatasetSpec:
 
 
 def _guess_format(path: Path) -> str:
-    """For a bare data file: the format its first row's keys suggest."""
+    """For a bare data file: the format its first row's keys suggest (a .txt file is text)."""
+    if path.suffix == ".txt":
+        return "text"
     try:
         if path.suffix == ".jsonl":
             with open(path, encoding="utf-8", errors="replace") as f:
@@ -139,7 +144,9 @@ def read_rows(spec: DatasetSpec, split: str, max_rows: int | None = None) -> tup
     if file_type is None:
         raise FinetuneError(f"{spec.source}: cannot tell the type of {path}; set `type` (jsonl, json, csv, parquet)")
     rows: list = []
-    if file_type == "jsonl":
+    if file_type == "txt":
+        rows = _txt_documents(path)[:limit]
+    elif file_type == "jsonl":
         # Read line by line so a broken line is reported with its number (datasets' loader would not say).
         with open(path, "rb") as f:
             for lineno, raw_line in enumerate(f, 1):
@@ -168,6 +175,28 @@ def read_rows(spec: DatasetSpec, split: str, max_rows: int | None = None) -> tup
         offset = 2 if file_type == "csv" else 1
         rows = [(i + offset, row) for i, row in enumerate(ds.select(range(min(limit, len(ds)))))]
     return rows, digest
+
+
+def _txt_documents(path: Path) -> list:
+    """The documents of a .txt file, as (line number, {"text": ...}) rows; a file that is not text is refused."""
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise FinetuneError(f"{path}: not a text file (it holds NUL bytes at byte {raw.index(0)}); a corpus file "
+                            "is UTF-8 text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FinetuneError(f"{path}: not a text file (byte {e.start} is not UTF-8); a corpus file is UTF-8 "
+                            "text: convert it (e.g. iconv -t UTF-8) or remove it") from None
+    rows, lines, start = [], [], 1
+    for lineno, line in enumerate([*text.splitlines(), TXT_SEPARATOR], 1):
+        if line.strip() == TXT_SEPARATOR:
+            if "".join(lines).strip():
+                rows.append((start, {"text": "\n".join(lines).strip("\n")}))
+            lines, start = [], lineno + 1
+        else:
+            lines.append(line)
+    return rows
 
 
 class RowError(str):
@@ -342,8 +371,14 @@ def conversations_of(spec: DatasetSpec, row) -> list[list[dict]]:
     return [messages] if isinstance(messages, list) else []
 
 
+def to_text(spec: DatasetSpec, row) -> str | RowError:
+    """A plain-text document (pretraining)."""
+    return to_messages(spec, row)
+
+
 # What each row shape is made from: stage data shape -> (formats it accepts, converter, what the stage needs).
 ROW_SHAPES = {
+    "text": (("text",), to_text, "plain-text documents (format: text, a `text` column or .txt files)"),
     "conversation": (CHAT_FORMATS + ("text",), to_messages, "conversations (messages, sharegpt, alpaca, "
                                                             "prompt_completion or text)"),
     "preference": (("preference",), to_preference, "preference pairs (format: preference, with prompt, chosen, "
@@ -453,7 +488,7 @@ def read_checked(ref, data_cfg, seed: int, shape: str = "conversation", stage: s
                 )
             reasons[str(converted)] += 1
             continue
-        if isinstance(converted, str) and data_cfg.assistant_only_loss:
+        if isinstance(converted, str) and data_cfg.assistant_only_loss and shape == "conversation":
             raise FinetuneError(
                 f"{spec.source}: format text has no assistant turns; set data.assistant_only_loss: false to train on it"
             )

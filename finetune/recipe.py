@@ -1,7 +1,8 @@
 """The recipe schema: one strict set of typed dataclasses.
 
 A recipe is a YAML file with the sections `model`, `quantization`, `adapter`, `data`, `train` and the
-top-level keys `output_dir`, `overwrite` and `seed`. Every key is checked when the recipe is loaded:
+top-level keys `output_dir`, `overwrite` and `seed`; a model built from scratch (`model.name: scratch`, stage
+pretrain) adds `architecture` and `tokenizer`. Every key is checked when the recipe is loaded:
 unknown keys name the closest valid key, values are converted to the field's type (YAML reads `3e-4`
 as a string), enums and ranges are checked, contradictions are refused. Keys under `train` are the
 fields of the stage's TRL config (`trl.SFTConfig` for `stage: sft`, `trl.DPOConfig` for `stage: dpo`, ...;
@@ -28,6 +29,8 @@ from finetune.errors import FinetuneError
 from finetune.stages import STAGES
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+# model.name of a model built from the recipe's `architecture` section and pretrained (stage pretrain).
+SCRATCH = "scratch"
 
 
 def field_spec(default, help, choices=None, minimum=None, maximum=None):
@@ -41,7 +44,8 @@ def field_spec(default, help, choices=None, minimum=None, maximum=None):
 @dataclass
 class ModelConfig:
     name: str = field_spec("embedded:smollm2-135m",
-                           "Base model: a local HF folder, a hub id, or embedded:smollm2-135m.")
+                           "Base model: a local HF folder, a hub id, embedded:smollm2-135m, or scratch (built from "
+                           "the `architecture` section, randomly initialised: stage pretrain).")
     revision: str | None = field_spec(None, "Hub revision (branch, tag or commit) when `name` is a hub id.")
     dtype: str = field_spec("auto",
                             "Dtype of the frozen base weights; auto = bf16 where the hardware has it, else fp32.",
@@ -108,6 +112,36 @@ class DataConfig:
 
 
 @dataclass
+class ArchitectureConfig:
+    """A Llama-style decoder built from scratch (model.name: scratch); its vocabulary size is the tokenizer's."""
+
+    layers: int = field_spec(6, "Transformer blocks.", minimum=1)
+    hidden_size: int = field_spec(256, "Width of the residual stream.", minimum=8)
+    intermediate_size: int = field_spec(768, "Width of the SwiGLU MLP.", minimum=8)
+    heads: int = field_spec(4, "Attention heads (hidden_size / heads is the head size; it must be even for RoPE).",
+                            minimum=1)
+    kv_heads: int = field_spec(4, "Key/value heads (grouped-query attention when fewer than heads; must divide them).",
+                               minimum=1)
+    rope_theta: float = field_spec(10000.0, "RoPE base frequency.", minimum=1.0)
+    max_position_embeddings: int = field_spec(1024, "Longest sequence the model is built for (>= data.max_length).",
+                                              minimum=8)
+    tie_embeddings: bool = field_spec(True, "Share the input embeddings with the output head.")
+    init_std: float = field_spec(0.02, "Random init: weights ~ N(0, init_std); the projections that write into "
+                                       "the residual stream (o_proj, down_proj) N(0, init_std / sqrt(2 * layers)); "
+                                       "norms 1.", minimum=0.0)
+
+
+@dataclass
+class TokenizerConfig:
+    """The tokenizer of a model built from scratch: trained on the training corpus, or reused."""
+
+    name: str | None = field_spec(None, "Reuse this tokenizer (an HF folder or hub id) instead of training one.")
+    vocab_size: int = field_spec(8192, "Vocabulary of the byte-level BPE trained on the corpus (256 byte tokens and "
+                                       "the special tokens included).", minimum=1)
+    min_frequency: int = field_spec(2, "A merge is learned only from pairs seen at least this often.", minimum=1)
+
+
+@dataclass
 class TrainConfig:
     stage: str = field_spec("sft", "Training stage (finetune/stages/).", tuple(STAGES))
     resume: bool = field_spec(False, "Continue from the last checkpoint in output_dir.")
@@ -131,6 +165,8 @@ class Recipe:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     rewards: list[RewardSource] = field_spec([], "Reward sources of the grpo and rloo stages, each a function or a "
                                                  "model, weighted.")
     output_dir: str = field_spec("", "Run directory. Refused if it exists, unless train.resume or overwrite.")
@@ -412,6 +448,7 @@ def _check_recipe(r: Recipe) -> None:
             from finetune.rewards import check_function_name
 
             check_function_name(source.function, f"{src}: rewards[{i}].function")
+    _check_scratch(r)
     if r.train.stage == "reward" and r.adapter.type == "none":
         raise FinetuneError(f"{src}: stage reward needs adapter.type lora (a reward model is read back as base + "
                             "adapter + score head); full fine-tuning of a reward model is not supported")
@@ -425,6 +462,48 @@ def _check_recipe(r: Recipe) -> None:
             f"{src}: train.packing_strategy = wrapped lets one row attend to the end of another; "
             "use bfd (default) or bfd_split"
         )
+
+
+# Special tokens of a tokenizer trained from scratch: end of text (between documents), padding, and the ChatML
+# turn markers, each one token.
+SCRATCH_SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>")
+
+
+def _check_scratch(r: Recipe) -> None:
+    """A model built from scratch: its architecture and tokenizer, and what it cannot be combined with."""
+    src, arch = r.source, r.architecture
+    if r.model.name != SCRATCH:
+        for section, default in (("architecture", ArchitectureConfig()), ("tokenizer", TokenizerConfig())):
+            if getattr(r, section) != default:
+                raise FinetuneError(f"{src}: {section} describes a model built from scratch; it is used only with "
+                                    f"model.name: {SCRATCH} (stage pretrain), not with model.name = {r.model.name!r}")
+        return
+    if r.train.stage != "pretrain":
+        raise FinetuneError(f"{src}: model.name: {SCRATCH} builds a random model: pretrain it first (train.stage: "
+                            f"pretrain), then use its run's model folder (RUN_DIR/model) as model.name of a "
+                            f"{r.train.stage} recipe")
+    if r.adapter.type != "none" or r.quantization.bits or r.model.init_from:
+        raise FinetuneError(f"{src}: a model built from scratch trains every weight: set adapter.type: none, "
+                            "quantization.bits: null and no model.init_from")
+    if arch.hidden_size % arch.heads:
+        raise FinetuneError(f"{src}: architecture.hidden_size = {arch.hidden_size} is not divisible by "
+                            f"architecture.heads = {arch.heads}; each head gets hidden_size / heads dimensions "
+                            f"(e.g. hidden_size {arch.heads * max(2, round(arch.hidden_size / arch.heads))})")
+    if (arch.hidden_size // arch.heads) % 2:
+        raise FinetuneError(f"{src}: head size hidden_size / heads = {arch.hidden_size // arch.heads} is odd; RoPE "
+                            "rotates pairs of dimensions, so pick hidden_size and heads with an even quotient")
+    if arch.heads % arch.kv_heads:
+        raise FinetuneError(f"{src}: architecture.heads = {arch.heads} is not a multiple of architecture.kv_heads = "
+                            f"{arch.kv_heads}; each key/value head serves heads / kv_heads query heads")
+    if arch.max_position_embeddings < r.data.max_length:
+        raise FinetuneError(f"{src}: data.max_length = {r.data.max_length} is longer than "
+                            f"architecture.max_position_embeddings = {arch.max_position_embeddings}; raise the "
+                            "latter or shorten the former")
+    smallest = 256 + len(SCRATCH_SPECIAL_TOKENS)
+    if r.tokenizer.name is None and r.tokenizer.vocab_size < smallest:
+        raise FinetuneError(f"{src}: tokenizer.vocab_size = {r.tokenizer.vocab_size} is smaller than the 256 byte "
+                            f"tokens a byte-level BPE starts from plus its {len(SCRATCH_SPECIAL_TOKENS)} special "
+                            f"tokens {', '.join(SCRATCH_SPECIAL_TOKENS)}; use at least {smallest} (e.g. 8192)")
 
 
 # ----------------------------------------------------------------------------- loading

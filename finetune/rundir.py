@@ -198,8 +198,10 @@ class RunCallback(TrainerCallback):
         return (self.last_count[0] - self.first_count[0]) / (self.last_count[1] - self.first_count[1])
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "num_tokens" in logs:
-            self.last_count = (float(logs["num_tokens"]), time.time())
+        # TRL's trainers log num_tokens; transformers' Trainer num_input_tokens_seen.
+        count = (logs or {}).get("num_tokens", (logs or {}).get("num_input_tokens_seen"))
+        if count is not None:
+            self.last_count = (float(count), time.time())
             self.first_count = self.first_count or self.last_count
         if not self.is_main or not logs:
             return

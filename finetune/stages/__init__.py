@@ -2,7 +2,8 @@
 
 A stage module holds only what is its own:
 
-    CONFIG          name of its TRL config class (`train` keys are checked against its fields)
+    CONFIG          name of its TRL config class, or a dotted transformers name (`train` keys are checked against
+                    its fields)
     TASK            "causal_lm" or "seq_cls": the model class that loads, trains, exports and generates
     OWNS            TRL config keys that the recipe sets elsewhere for this stage (key -> where)
     DEFAULTS        (optional) our defaults for its TRL config, over recipe.TRAIN_DEFAULTS
@@ -11,6 +12,8 @@ A stage module holds only what is its own:
     build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, recipe) -> trainer
     held_out(trainer, prepared) -> dict        held-out figures, run before and after training
     summary(before, after, history) -> dict    the stage's own figures for run.json
+    throughput(trainer, tokens_per_second, prepared) -> dict   (optional) figures that need the trained model and
+                                               the measured tokens/s (model size, MFU)
     main(recipe)                               train: the runner's lifecycle around this stage
 
 A new stage is one file plus one line in STAGES.
@@ -22,6 +25,7 @@ import importlib
 
 # stage name -> module
 STAGES = {
+    "pretrain": "finetune.stages.pretrain",
     "sft": "finetune.stages.sft",
     "reward": "finetune.stages.reward",
     "dpo": "finetune.stages.dpo",
@@ -37,7 +41,8 @@ def get(name: str):
 
 
 def config_class(name: str):
-    """The TRL config class whose fields a stage's `train` keys are."""
+    """The TRL (or transformers) config class whose fields a stage's `train` keys are."""
     import trl
 
-    return getattr(trl, get(name).CONFIG)
+    module, _, cls = get(name).CONFIG.rpartition(".")
+    return getattr(importlib.import_module(module) if module else trl, cls)

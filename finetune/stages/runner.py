@@ -5,11 +5,13 @@
 1. Check output_dir (first process only, before slow loading).
 2. Build: the stage's TRL config, the base model folder and tokenizer, the chat template, the stage's data,
    the model (the stage's model class, 4/8-bit as the recipe says) with a fresh adapter, or with the adapter
-   of `model.init_from` to continue, then the stage's trainer.
+   of `model.init_from` to continue, then the stage's trainer. `model.name: scratch` builds a random model and
+   trains its tokenizer instead (finetune/scratch.py; stage pretrain).
 3. Replace output_dir (overwrite=true) only now that everything loaded; write run.json (status running).
 4. Held-out figures before, train (SIGINT/SIGTERM: checkpoint and stop), held-out figures after.
-5. Save the adapter (safetensors + tokenizer with the inference template; no pickles), the summary, and
-   run.json with status completed (or failed/interrupted, with the error, on any exception).
+5. Save the adapter (safetensors + tokenizer with the inference template; no pickles) in RUN_DIR/adapter, or the
+   whole model (adapter.type none) as an HF model folder in RUN_DIR/model; the summary, and run.json with status
+   completed (or failed/interrupted, with the error, on any exception).
 
 The run directory's layout is described in finetune/rundir.py.
 """
@@ -27,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from finetune import models, stages
+from finetune import models, scratch, stages
 from finetune import templates as templates_lib
 from finetune.errors import FinetuneError
-from finetune.recipe import Recipe
+from finetune.recipe import SCRATCH, Recipe
 from finetune.rundir import (
     RunCallback,
     RunRecord,
@@ -81,11 +83,15 @@ def build(recipe: Recipe, callbacks=()) -> Built:
     init = _init_run(recipe)
 
     # --- Model folder and tokenizer (a continued run's, with its chat tokens). The main process converts the
-    # embedded model; the others wait.
-    with state.main_process_first():
-        model_path = models.resolve_model(recipe.model.name)
+    # embedded model, or trains a scratch model's tokenizer; the others wait.
+    from_scratch = recipe.model.name == SCRATCH
     init_adapter = Path(recipe.model.init_from) / init.get("adapter", "adapter") if init else None
-    tokenizer = models.load_tokenizer(str(init_adapter or model_path), recipe.model.trust_remote_code)
+    with state.main_process_first():
+        if from_scratch:
+            model_path, tokenizer = None, scratch.load_tokenizer(recipe)
+        else:
+            model_path = models.resolve_model(recipe.model.name)
+            tokenizer = models.load_tokenizer(str(init_adapter or model_path), recipe.model.trust_remote_code)
     try:
         chat = templates_lib.resolve(tokenizer, recipe.data.chat_template, recipe.data.assistant_only_loss)
     except FinetuneError as e:
@@ -100,7 +106,8 @@ def build(recipe: Recipe, callbacks=()) -> Built:
         prepared = stage.prepare(recipe, tokenizer, chat, recipe.seed)
 
     # --- Model and adapter: a fresh one, or the adapter of init_from, trained further.
-    model = models.load_model(recipe.model, recipe.quantization, model_path, task=stage.TASK)
+    model = (scratch.build_model(recipe, tokenizer) if from_scratch else
+             models.load_model(recipe.model, recipe.quantization, model_path, task=stage.TASK))
     new_token_ids = None
     if chat.added_tokens:
         if getattr(model.config, "tie_word_embeddings", False) and recipe.adapter.type == "lora":
@@ -160,8 +167,8 @@ def _init_run(recipe: Recipe) -> dict | None:
     init = read_completed_run(recipe.model.init_from, f"{recipe.source}: model.init_from")
     if (init.get("recipe") or {}).get("adapter", {}).get("type") == "none":
         raise FinetuneError(f"{recipe.source}: model.init_from {recipe.model.init_from} trained every weight "
-                            "(adapter.type none): there is no adapter to continue; use its folder "
-                            f"{recipe.model.init_from}/adapter as model.name instead")
+                            "(adapter.type none): there is no adapter to continue; use its model folder "
+                            f"{recipe.model.init_from}/{init.get('model', 'model')} as model.name instead")
     if init.get("stage") == "reward" and recipe.train.stage != "reward":
         raise FinetuneError(f"{recipe.source}: model.init_from {recipe.model.init_from} is a reward model; a "
                             f"{recipe.train.stage} policy continues a causal-LM run (sft, dpo, kto, grpo, rloo)")
@@ -197,8 +204,10 @@ def train(recipe: Recipe, callbacks=()) -> Path:
         "stage": recipe.train.stage,
         "recipe": recipe.to_dict(),
         "recipe_file": recipe.source,
-        "base_model": {"name": recipe.model.name, "path": models.resolve_model(recipe.model.name),
-                       "hub_id": models.hub_id_of(recipe.model.name)},
+        "base_model": ({"name": SCRATCH, "path": None, "hub_id": None,
+                        "tokenizer": trainer.processing_class.name_or_path} if recipe.model.name == SCRATCH else
+                       {"name": recipe.model.name, "path": models.resolve_model(recipe.model.name),
+                        "hub_id": models.hub_id_of(recipe.model.name)}),
         "init_from": {"run_dir": recipe.model.init_from, "stage": init["stage"],
                       "adapter_sha256": init.get("adapter_sha256")} if init else None,
         # The stages that trained this run's adapter, oldest first: export merges their one adapter into the base.
@@ -223,9 +232,10 @@ def train(recipe: Recipe, callbacks=()) -> Path:
         raise
     finally:
         built.callback.restore_signal_handlers()
-    record.update(status="completed", summary=summary, processes=processes, adapter="adapter",
-                  adapter_sha256=_adapter_hash(run_dir / "adapter") if state.is_main_process else None,
-                  ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    weights = _weights_folder(trainer)
+    digest = _weights_hash(run_dir / weights) if state.is_main_process else None
+    record.update(status="completed", summary=summary, processes=processes, **{weights: weights},
+                  **{f"{weights}_sha256": digest}, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     if state.is_main_process:
         print(json.dumps(summary, indent=2))
         print(f"Run directory: {run_dir}\nLoss curve:    {run_dir / 'loss_curve.png'}")
@@ -250,12 +260,14 @@ def _train_and_save(built: Built, recipe: Recipe, run_dir: Path):
             f"output_dir={run_dir}"
         )
 
-    # --- Held-out figures after, and the adapter with the model's own inference template.
+    # --- Held-out figures after, and the adapter (or the whole model) with the model's own inference template.
     after = stage.held_out(trainer, prepared)
     if state.is_main_process and after:
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")  # now with the final held-out loss
-    adapter_dir = run_dir / "adapter"
+    adapter_dir = run_dir / _weights_folder(trainer)
     trainer.processing_class.chat_template = built.chat.inference
+    if adapter_dir.name == "model":
+        _ready_for_generation(trainer.model, trainer.processing_class, built.chat)
     trainer.save_model(str(adapter_dir))
     if state.is_main_process:
         # The Trainer pickles its arguments and peft writes a blank model card; run.json holds both instead,
@@ -280,6 +292,8 @@ def _train_and_save(built: Built, recipe: Recipe, run_dir: Path):
         "tokens_per_second": round(rate, 1) if rate else None,
         "peak_memory_mib": _peak_memory_mib(),
     }
+    if hasattr(stage, "throughput"):
+        summary.update(stage.throughput(trainer, rate, prepared))
     return summary, processes
 
 
@@ -318,9 +332,35 @@ def _peak_memory_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
-def _adapter_hash(adapter_dir: Path) -> str | None:
-    path = adapter_dir / "adapter_model.safetensors"
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+def _weights_folder(trainer) -> str:
+    """Where a run's trained weights go: adapter/ (LoRA) or model/ (every weight trained: an HF model folder)."""
+    from peft import PeftModel
+
+    return "adapter" if isinstance(trainer.model, PeftModel) else "model"
+
+
+def _ready_for_generation(model, tokenizer, chat) -> None:
+    """A fully trained model saved as a normal HF model: its cache on, and generation stopping at EOS and at the
+    chat template's end-of-turn token, padding with the tokenizer's pad token."""
+    model.config.use_cache = True
+    stops = [tokenizer.eos_token_id]
+    if templates_lib.has_markers(chat.training):
+        stops.append(templates_lib.end_of_turn_token_id(tokenizer, chat.training))
+    eos = model.generation_config.eos_token_id
+    stops += eos if isinstance(eos, list) else [eos] if eos is not None else []
+    model.generation_config.eos_token_id = sorted({i for i in stops if i is not None})
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _weights_hash(folder: Path) -> str | None:
+    """sha256 of the adapter's weights, or of a full model's (all its safetensors files, in name order)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def _print_data_summary(stats: dict, is_main: bool) -> None:
