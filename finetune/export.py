@@ -26,6 +26,11 @@ differ by more than 0.01); no stop check, since it does not generate. A run trai
 DPO or GRPO with `model.init_from`) holds one adapter that every stage of the chain trained: it is merged into
 the base the chain started from; export_report.json and the model card name the chain.
 
+A run that trained every weight (adapter.type none, stage pretrain) has nothing to merge: its model folder is
+written in the export dtype (default: the dtype it was trained in) and gated the same way, the reloaded folder
+against the trained weights (on held-out conversations, or on held-out text documents for a pretraining run),
+with the stop check where there are conversations.
+
 An adapter trained on a 4-bit base is merged, by default, into the dequantized 4-bit weights it was trained
 against; `--merge-base original` merges into the full-precision weights instead and reports what it cost.
 The output is written under a temporary name beside the target and renamed into place only when complete
@@ -46,6 +51,7 @@ MIN_STOP_RATE = 0.9
 # flips it. Such flips are counted apart (near_tie_flips) rather than as disagreement.
 TIE_TOLERANCE = 0.05
 GATE_CONVERSATIONS = 16
+GATE_TEXT_TOKENS = 256
 STOP_PROMPTS = 16
 # Reward models: the largest |score difference| merged vs adapter, and the score gap under which a pair's order
 # may flip (rounding of the export dtype).
@@ -93,6 +99,10 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
         raise FinetuneError(
             f"{run_dir}/run.json: status is {run.get('status')!r}; only a completed run can be exported"
         )
+    if run.get("model"):
+        if adapter_only:
+            raise FinetuneError(f"{run_dir} trained every weight (no adapter): export it without --adapter-only")
+        return _export_full(run, run_dir, out, dtype, shard_size, stop_check, _after_write, start)
     adapter_dir = run_dir / "adapter"
     _check_adapter(adapter_dir)
     out = out or run_dir / ("export-adapter" if adapter_only else "export")
@@ -207,6 +217,84 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
     return report
 
 
+def _export_full(run: dict, run_dir: Path, out: Path | None, dtype: str | None, shard_size: str, stop_check: bool,
+                 _after_write, start: float) -> dict:
+    """A run that trained every weight: its model folder in the export dtype, gated against the trained weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune import models
+    from finetune.errors import FinetuneError
+    from finetune.files import staged_dir, write_json, write_text
+
+    model_dir = run_dir / run["model"]
+    _check_weights(model_dir)
+    out = out or run_dir / "export"
+    _check_target(out, run_dir)
+    _remove_stale_partials(out)
+    tokenizer = models.load_tokenizer(str(model_dir))
+    end_of_turn = _end_of_turn(run, tokenizer)
+    export_dtype = models.resolve_dtype(dtype or _published_dtype(str(model_dir)))
+    conversations = _held_out_conversations(run)
+    texts = [] if conversations else _held_out_texts(run)
+    if not conversations and not texts:
+        raise FinetuneError(f"{run_dir}: no held-out conversations or documents to check the export against")
+    measure = (lambda m: _logits(m, tokenizer, conversations)) if conversations else (
+        lambda m: _text_logits(m, tokenizer, texts))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).eval()
+    ref_logits = measure(model)
+    model = model.to(export_dtype)
+    model.config.dtype = export_dtype
+    eos_ids = sorted({i for i in [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end_of_turn),
+                                  *_as_list(model.generation_config.eos_token_id)] if i is not None})
+    model.generation_config.eos_token_id = eos_ids
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    with staged_dir(out, replace=True) as tmp:
+        model.save_pretrained(tmp, max_shard_size=shard_size)
+        del model
+        tokenizer.save_pretrained(tmp)
+        write_text(tmp / "recipe.yaml", _recipe_yaml(run))
+        if _after_write:
+            _after_write(tmp)
+        # --- The gate, on the folder as written and loaded the way users will load it.
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=export_dtype).eval()
+        stop = _stop_check(reloaded, tokenizer, conversations, eos_ids) if stop_check and conversations else None
+        exported = _distance(ref_logits, measure(reloaded.float()))
+        del reloaded
+        report = {
+            "run_dir": str(run_dir),
+            "stage": run.get("stage"),
+            "chain": run.get("chain") or [{"stage": run.get("stage"), "run_dir": str(run_dir)}],
+            "base_model": run["base_model"],
+            "weights": "every weight trained (no adapter)",
+            "dtype": str(export_dtype).replace("torch.", ""),
+            "eos_token_id": eos_ids,
+            "end_of_turn": end_of_turn,
+            "gate_on": f"{len(conversations)} held-out conversations" if conversations else
+                       f"{len(texts)} held-out documents (first {GATE_TEXT_TOKENS} tokens)",
+            "exported_vs_trained": exported,
+            "thresholds": {"min_greedy_agreement": MIN_AGREEMENT, "max_mean_kl": MAX_KL},
+        }
+        failures = []
+        if exported["greedy_agreement"] < MIN_AGREEMENT:
+            failures.append(f"greedy agreement {exported['greedy_agreement']:.2%} < {MIN_AGREEMENT:.1%}")
+        if exported["mean_kl"] > MAX_KL:
+            failures.append(f"mean KL {exported['mean_kl']:.3g} > {MAX_KL:g}")
+        report["gate"] = "failed" if failures else "passed"
+        if failures:
+            raise FinetuneError(f"export of {run_dir} failed the gate: the exported weights differ from the trained "
+                                f"ones: {'; '.join(failures)}. Nothing was written to {out}. Export with --dtype "
+                                f"fp32 to keep the trained weights exactly. Figures: {exported}")
+        if stop:
+            report["stop_check"] = stop
+        report["seconds"] = round(time.time() - start, 1)
+        report["size_bytes"] = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        write_json(tmp / "export_report.json", report)
+        write_text(tmp / "README.md", _full_card(run, report, out))
+    _print_report(report, out)
+    return report
+
+
 # ----------------------------------------------------------------------------- inputs
 
 
@@ -232,6 +320,28 @@ def _check_adapter(adapter_dir: Path) -> None:
     bad = [k for k, v in tensors.items() if not torch.isfinite(v.float()).all()]
     if bad:
         raise FinetuneError(f"{weights}: the adapter holds non-finite values (e.g. {bad[0]}); training diverged")
+
+
+def _check_weights(model_dir: Path) -> None:
+    """A full model folder's safetensors files: present, readable, finite."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from finetune.errors import FinetuneError
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not (model_dir / "config.json").is_file() or not files:
+        raise FinetuneError(f"{model_dir}: config.json or the model's safetensors weights are missing; re-run "
+                            "training or restore the folder")
+    for path in files:
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise FinetuneError(f"{path}: the weights are corrupted ({e}); re-run training or restore them") from None
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v.float()).all()]
+        if bad:
+            raise FinetuneError(f"{path}: the weights hold non-finite values (e.g. {bad[0]}); training diverged")
 
 
 def _check_target(out: Path, run_dir: Path) -> None:
@@ -297,6 +407,19 @@ def _held_out_conversations(run: dict) -> list[list[dict]]:
     return out
 
 
+def _held_out_texts(run: dict) -> list[str]:
+    """Up to GATE_CONVERSATIONS documents of a pretraining run's held-out (else training) text data."""
+    from finetune import data as data_lib
+
+    refs = run["recipe"]["data"]["eval_datasets"] or run["recipe"]["data"]["datasets"]
+    out = []
+    for ref in refs:
+        spec = data_lib.load_spec(ref["name"])
+        rows, _ = data_lib.read_rows(spec, ref["split"], GATE_CONVERSATIONS)
+        out += [t for _, row in rows if isinstance(t := data_lib.to_text(spec, row), str)]
+    return out[:GATE_CONVERSATIONS]
+
+
 # ----------------------------------------------------------------------------- models
 
 
@@ -360,6 +483,15 @@ def _logits(model, tokenizer, conversations) -> list:
             logits = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits[0]
             out.append(logits[len(prompt) - 1 : -1].float())
     return out
+
+
+def _text_logits(model, tokenizer, texts) -> list:
+    """Logits at every position of the first GATE_TEXT_TOKENS tokens of each document (a base model's use)."""
+    import torch
+
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"][:GATE_TEXT_TOKENS]])
+                      ).logits[0].float() for t in texts]
 
 
 def _scores(model, tokenizer, conversations) -> list:
@@ -509,7 +641,50 @@ r={report['lora_r']}, {base_kind}). Weights: {report['dtype']}.
 - Stop check: {stop.get('stop_rate', 'not run')} of {stop.get('prompts', 0)} held-out prompts ended with an
   end-of-turn token; `generation_config.eos_token_id` = {report['eos_token_id']} ({report['end_of_turn']} ends a turn)
 
-## Use
+{_use(out)}"""
+
+
+def _full_card(run: dict, report: dict, out: Path) -> str:
+    summary, exported = run.get("summary", {}), report["exported_vs_trained"]
+    data = ", ".join(f"{d['dataset']}:{d['split']}" for d in run.get("data", {}).get("datasets", []))
+    base = run["base_model"].get("hub_id") or run["base_model"]["name"]
+    arch = run["recipe"].get("architecture") or {}
+    if run.get("stage") == "pretrain" and base == "scratch":
+        title = "Base model pretrained from scratch"
+        what = (f"A Llama-style decoder ({arch.get('layers')} layers, hidden size {arch.get('hidden_size')}, "
+                f"{summary.get('parameters', '?')} parameters) pretrained from random weights by `finetune`: it "
+                "continues text. Its tokenizer carries the ChatML template, so `finetune train` with any SFT recipe "
+                "(model.name: this folder) turns it into a chat model.")
+    else:
+        title = f"{'Chat' if run.get('stage') != 'pretrain' else 'Base'} model fully fine-tuned from {base}"
+        what = f"Every weight of {base} trained by `finetune` (stage {run.get('stage')})."
+    losses = f"train loss {summary.get('train_loss_first')} -> {summary.get('train_loss_last')}"
+    if summary.get("eval_loss_before") is not None:
+        losses += f", held-out loss {summary.get('eval_loss_before')} -> {summary.get('eval_loss_after')}"
+    if summary.get("eval_perplexity_after") is not None:
+        losses += f" (perplexity {summary['eval_perplexity_after']})"
+    stop = report.get("stop_check")
+    stop_line = (f"{stop['stop_rate']:.0%} of {stop['prompts']} held-out prompts ended with an end-of-turn token"
+                 if stop else "not run (no held-out conversations: a base model continues text)")
+    chain = " -> ".join(f"{c['stage']} ({c['run_dir']})" for c in report["chain"])
+    return f"""# {title}
+
+{what} Exported by `finetune export` from the run in `{report['run_dir']}`. Weights: {report['dtype']}.
+
+- Data: {data}
+- Trained in the chain {chain}
+- Steps: {summary.get('steps')}, {losses}
+- Export gate ({report['gate_on']}): exported vs trained weights, greedy agreement
+  {exported['greedy_agreement']:.2%}, mean KL {exported['mean_kl']:.3g}, max logit difference
+  {exported['max_abs_logit_diff']:.3g}
+- Stop check: {stop_line}; `generation_config.eos_token_id` = {report['eos_token_id']} ({report['end_of_turn']}
+  ends a turn)
+
+{_use(out)}"""
+
+
+def _use(out: Path) -> str:
+    return f"""## Use
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -555,6 +730,16 @@ As a reward source of a grpo/rloo recipe: `rewards: [{{model: {out}}}]`.
 
 
 def _print_report(report: dict, out: Path) -> None:
+    stop = report.get("stop_check")
+    if "exported_vs_trained" in report:
+        exported = report["exported_vs_trained"]
+        print(f"Export: {out} ({report['dtype']}, {report['size_bytes'] / 2**20:.0f} MiB, {report['seconds']} s)")
+        print(f"  exported vs trained ({report['gate_on']}): agreement {exported['greedy_agreement']:.2%}, mean KL "
+              f"{exported['mean_kl']:.3g}, max |logit diff| {exported['max_abs_logit_diff']:.3g}  -> gate "
+              f"{report['gate']}")
+        if stop:
+            print(f"  stop check: {stop['stop_rate']:.0%} of {stop['prompts']} held-out prompts ended with end-of-turn")
+        return
     merged, base = report["merged_vs_adapter"], report["base_vs_adapter"]
     if "max_abs_score_diff" in merged:
         print(f"Export: {out} (reward model, {report['dtype']}, {report['size_bytes'] / 2**20:.0f} MiB, "
@@ -563,7 +748,6 @@ def _print_report(report: dict, out: Path) -> None:
               f"{merged['pair_order_agreement']:.2%}  -> gate {report['gate']}")
         print(f"  base   vs adapter: max |score diff| {base['max_abs_score_diff']:.3g}")
         return
-    stop = report.get("stop_check")
     print(f"Export: {out} ({report['dtype']}, {report['size_bytes'] / 2**20:.0f} MiB, {report['seconds']} s)")
     print(f"  merged vs adapter: agreement {merged['greedy_agreement']:.2%}, mean KL {merged['mean_kl']:.3g}, "
           f"max |logit diff| {merged['max_abs_logit_diff']:.3g}  -> gate {report['gate']}")

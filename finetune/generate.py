@@ -172,11 +172,14 @@ def _load_run(run_dir: Path, dtype: str):
     if run.get("stage") == "reward":
         raise FinetuneError(f"{run_dir} is a reward model (stage reward): it scores answers and does not generate; "
                             "use it as compare --reward-model or as a grpo/rloo reward source")
-    adapter_dir = run_dir / run.get("adapter", "adapter")
+    # A LoRA run saves adapter/; a run that trained every weight (adapter.type none, stage pretrain) model/.
+    adapter_dir = run_dir / (run.get("model") or run.get("adapter") or "adapter")
+    if not adapter_dir.is_dir() and (run_dir / "model").is_dir():
+        adapter_dir = run_dir / "model"
     status = run.get("status", "unknown")
     if not adapter_dir.is_dir():
         hint = " (a checkpoint is in checkpoints/; resume the run to finish it)" if status == "interrupted" else ""
-        raise FinetuneError(f"run directory {run_dir} has no adapter/ folder (run status: {status}){hint}")
+        raise FinetuneError(f"run directory {run_dir} has no adapter/ or model/ folder (run status: {status}){hint}")
     recipe = run.get("recipe") or {}
     source = str(run_dir / "run.json")
     model_cfg = build_section(ModelConfig, recipe.get("model") or {}, "model", source)
@@ -196,9 +199,11 @@ def _load_run(run_dir: Path, dtype: str):
             "steps": steps, "status": status, "quantization_bits": quant_cfg.bits}
 
     if (adapter_dir / "config.json").is_file() and not (adapter_dir / "adapter_config.json").is_file():
-        # adapter.type: none (full fine-tuning) saves the whole model there.
-        model = models.load_model(model_cfg, None, str(adapter_dir), dtype=torch_dtype)
-        description = f"base {base_name} fully fine-tuned in run {run_dir} (stage {stage}, {steps} steps)"
+        # Every weight trained (adapter.type none, stage pretrain): the whole model is there, an HF model folder.
+        model = models.load_model(ModelConfig(attn_implementation=model_cfg.attn_implementation), None,
+                                  str(adapter_dir), dtype=torch_dtype or models.resolve_dtype("auto"))
+        how = "pretrained from scratch" if base_name == "scratch" else f"base {base_name} fully fine-tuned"
+        description = f"{how} in run {run_dir} (stage {stage}, {steps} steps, {_describe_arch(model)})"
         return model, tokenizer, description, str(run_dir), info
 
     model = models.load_model(model_cfg, quant_cfg, base_path, dtype=torch_dtype)
