@@ -9,8 +9,9 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 DEMO_DIR ?= runs/demo
+SCRATCH_DIR ?= runs/scratch
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo demo-scratch test bench clean
 
 venv: $(VENV)/.installed
 
@@ -33,6 +34,16 @@ demo: venv
 	$(BIN)/finetune export $(DEMO_DIR)-dpo
 	$(BIN)/finetune compare --model base=embedded:smollm2-135m --model sft=$(DEMO_DIR)/export \
 	    --model dpo=$(DEMO_DIR)-dpo/export --prompts json_extract --split heldout --out $(DEMO_DIR)/compare
+
+# From scratch: pretrain a Base model (tokenizer trained on the shipped corpus), make it a Chat model with SFT,
+# export it, and compare the two on held-out prompts.
+demo-scratch: venv
+	$(BIN)/finetune train recipes/tiny/pretrain.yaml output_dir=$(SCRATCH_DIR) overwrite=true
+	$(BIN)/finetune train recipes/tiny/sft.yaml model.name=$(SCRATCH_DIR)/model output_dir=$(SCRATCH_DIR)-sft \
+	    overwrite=true
+	$(BIN)/finetune export $(SCRATCH_DIR)-sft
+	$(BIN)/finetune compare --model base=$(SCRATCH_DIR) --model chat=$(SCRATCH_DIR)-sft/export \
+	    --prompts json_extract --split heldout --out $(SCRATCH_DIR)/compare
 
 # pytest exits 5 when it collects no tests: that is not a failure of the suite.
 test: venv
