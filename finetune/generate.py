@@ -51,6 +51,7 @@ class Loaded:
     description: str  # one sentence saying what the model is
     prompt_style: str  # chat | raw | completion
     stop_ids: set[int] = field(default_factory=set)
+    turn_end_id: int | None = None  # the chat template's end-of-turn token (chat prompts only)
     dtype: str = "auto"
     info: dict = field(default_factory=dict)  # kind, base, adapter, quantization, load seconds
 
@@ -110,7 +111,8 @@ def load_for_inference(spec: str, dtype: str = "auto", prompt_style: str | None 
         )
     loaded = Loaded(
         model=model, tokenizer=tokenizer, name=spec, source=source, description=description, prompt_style=style,
-        stop_ids=stop_ids_of(model, tokenizer), dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        stop_ids=stop_ids_of(model, tokenizer), turn_end_id=_turn_end_id(tokenizer) if style == "chat" else None,
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
         info={**info, "load_seconds": round(time.time() - start, 2)},
     )
     return loaded
@@ -245,6 +247,16 @@ def _attach_adapter(model, tokenizer, adapter_dir: Path):
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     except (OSError, ValueError, RuntimeError) as e:
         raise FinetuneError(f"could not load the adapter in {adapter_dir} onto its base: {e}") from None
+
+
+def _turn_end_id(tokenizer) -> int | None:
+    """The token the chat template closes an assistant turn with, where the template is a known one."""
+    from finetune import templates
+
+    try:
+        return int(templates.end_of_turn_token_id(tokenizer, templates.resolve(tokenizer, "auto").training))
+    except (FinetuneError, ValueError, KeyError, TypeError):
+        return None
 
 
 def stop_ids_of(model, tokenizer) -> set[int]:
@@ -413,6 +425,8 @@ def generate(
                 answer, stopped = split_answer(ids, loaded.stop_ids)
                 text = loaded.tokenizer.decode(answer, skip_special_tokens=True).strip()
                 results[i] = {"text": text, "token_ids": answer, "stopped": stopped}
+                if loaded.turn_end_id is not None:  # stopped by closing its turn, not by a plain end of text
+                    results[i]["ended_turn"] = stopped and ids[len(answer)] == loaded.turn_end_id
             if progress is not None:
                 progress(min(start + batch_size, len(order)), len(order))
     return results  # type: ignore[return-value]

@@ -47,6 +47,7 @@ __all__ = [
 METRIC_LABELS: dict[str, str] = {
     "n": "Prompts",
     "stop_rate": "Stopped (EOS)",
+    "turn_end_rate": "Ended its turn",
     "mean_length": "Mean length (tokens)",
     "median_length": "Median length (tokens)",
     "repetition_rate": "Repeated 4-grams",
@@ -62,6 +63,7 @@ METRIC_LABELS: dict[str, str] = {
 HIGHER_IS_BETTER: dict[str, bool | None] = {
     "n": None,
     "stop_rate": True,
+    "turn_end_rate": True,
     "mean_length": None,
     "median_length": None,
     "repetition_rate": False,
@@ -74,7 +76,7 @@ HIGHER_IS_BETTER: dict[str, bool | None] = {
 
 # Metrics that are fractions in [0, 1]; displays show them as percentages.
 RATE_METRICS: frozenset[str] = frozenset(
-    {"stop_rate", "repetition_rate", "adherence", "exact_match", "token_f1", "rouge_l"}
+    {"stop_rate", "turn_end_rate", "repetition_rate", "adherence", "exact_match", "token_f1", "rouge_l"}
 )
 
 # str.translate table that deletes ASCII punctuation (used by token_f1).
@@ -213,6 +215,8 @@ def summarize(
 
     * ``n``: number of outputs;
     * ``stop_rate``: fraction that emitted EOS;
+    * ``turn_end_rate``: fraction that stopped with the chat template's end-of-turn token (when the outputs say,
+      in ``ended_turn``: chat prompts of a template whose end-of-turn token is known);
     * ``mean_length`` / ``median_length``: generated tokens;
     * ``repetition_rate``: mean of :func:`repetition_rate` (n=4);
     * ``adherence``: fraction matching ``adherence_regex`` (if given);
@@ -238,10 +242,14 @@ def summarize(
     result: dict[str, float] = {
         "n": n,
         "stop_rate": _mean([1.0 if o["stopped"] else 0.0 for o in outputs]),
+    }
+    if all("ended_turn" in o for o in outputs):
+        result["turn_end_rate"] = _mean([1.0 if o["ended_turn"] else 0.0 for o in outputs])
+    result.update({
         "mean_length": _mean(lengths),
         "median_length": float(statistics.median(lengths)),
         "repetition_rate": _mean([repetition_rate(o["token_ids"]) for o in outputs]),
-    }
+    })
     if adherence_regex is not None:
         result["adherence"] = _mean(
             [1.0 if adheres(o["text"], adherence_regex) else 0.0 for o in outputs]

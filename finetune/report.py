@@ -114,6 +114,8 @@ def format_table(metrics: dict[str, dict]) -> str:
 def _status(row: dict) -> str:
     """One-line description of an output: length, stop reason, scores."""
     stop = "stopped" if row["stopped"] else "hit max_new_tokens"
+    if row["stopped"] and "ended_turn" in row:
+        stop = "ended its turn" if row["ended_turn"] else "stopped at end of text"
     unit = "token" if row["n_tokens"] == 1 else "tokens"
     parts = [f"{row['n_tokens']} {unit}, {stop}"]
     if "exact_match" in row:
@@ -161,6 +163,8 @@ def _build_rows(
                 "n_tokens": len(out["token_ids"]),
                 "stopped": bool(out["stopped"]),
             }
+            if "ended_turn" in out:
+                row["ended_turn"] = bool(out["ended_turn"])
             if has_reference(reference):
                 row.update(reference_scores(out["text"], reference))
             per_model.append(row)

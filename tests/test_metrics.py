@@ -226,3 +226,14 @@ def test_every_summarize_metric_has_a_label_and_direction():
     assert HIGHER_IS_BETTER["repetition_rate"] is False
     assert HIGHER_IS_BETTER["token_f1"] is True
     assert HIGHER_IS_BETTER["mean_length"] is None
+
+
+def test_turn_end_rate_counts_only_answers_closed_by_the_end_of_turn_token():
+    outputs = [
+        {"text": "a", "token_ids": [1], "stopped": True, "ended_turn": True},
+        {"text": "b", "token_ids": [2], "stopped": True, "ended_turn": False},  # a plain end of text
+        {"text": "c", "token_ids": [3], "stopped": False, "ended_turn": False},
+    ]
+    s = summarize(outputs)
+    assert list(s)[:3] == ["n", "stop_rate", "turn_end_rate"]
+    assert s["stop_rate"] == pytest.approx(2 / 3) and s["turn_end_rate"] == pytest.approx(1 / 3)
