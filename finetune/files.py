@@ -68,7 +68,7 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
 
 
-def _publishable(folder: Path) -> None:
+def make_publishable(folder: Path) -> None:
     """mkdtemp and safetensors create private entries (0700/0600); published ones get the umask's modes."""
     umask = _umask()
     os.chmod(folder, 0o777 & ~umask)
@@ -89,7 +89,7 @@ def staged_dir(target: str | Path, replace: bool = False):
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
     try:
         yield tmp
-        _publishable(tmp)
+        make_publishable(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -134,6 +134,9 @@ def test_the_saved_model_is_a_plain_hf_folder_that_generates(micro_run):
 
     folder = micro_run / "model"
     assert not [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pkl")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not private to its writer
     model = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert model.config.use_cache is True and model.config.vocab_size == len(tokenizer)

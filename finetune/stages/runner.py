@@ -32,6 +32,7 @@ import torch
 from finetune import models, scratch, stages
 from finetune import templates as templates_lib
 from finetune.errors import FinetuneError
+from finetune.files import make_publishable
 from finetune.recipe import SCRATCH, Recipe
 from finetune.rundir import (
     RunCallback,
@@ -276,6 +277,7 @@ def _train_and_save(built: Built, recipe: Recipe, run_dir: Path):
         (adapter_dir / "training_args.bin").unlink(missing_ok=True)
         (adapter_dir / "README.md").unlink(missing_ok=True)
         shutil.rmtree(adapter_dir / "ref", ignore_errors=True)
+        make_publishable(adapter_dir)  # transformers writes model weights through a private (0600) temp file
 
     history = [row for row in trainer.state.log_history if "loss" in row]
     rate = callback.tokens_per_second()
