@@ -73,6 +73,10 @@ def load_spec(name: str) -> DatasetSpec:
             raise FinetuneError(f"dataset file {name} not found")
         spec = DatasetSpec(files={"train": str(path.resolve())}, format=_guess_format(path), source=str(path))
         return spec
+    if path.suffix and path.is_file() and path.suffix not in (".yaml", ".yml"):
+        raise FinetuneError(f"dataset file {name}: files ending {path.suffix} are not read; data files end "
+                            f"{', '.join(FILE_TYPES)} (rename a plain-text corpus to .txt), or describe it in a "
+                            "dataset YAML with `type`")
     if path.suffix not in (".yaml", ".yml"):
         path = datasets_dir() / f"{name}.yaml"
         if not path.is_file():
@@ -142,7 +146,8 @@ def read_rows(spec: DatasetSpec, split: str, max_rows: int | None = None) -> tup
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     file_type = spec.type or FILE_TYPES.get(path.suffix)
     if file_type is None:
-        raise FinetuneError(f"{spec.source}: cannot tell the type of {path}; set `type` (jsonl, json, csv, parquet)")
+        raise FinetuneError(f"{spec.source}: cannot tell the type of {path}; set `type` (jsonl, json, csv, parquet, "
+                            "txt)")
     rows: list = []
     if file_type == "txt":
         rows = _txt_documents(path)[:limit]

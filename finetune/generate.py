@@ -188,7 +188,7 @@ def _load_run(run_dir: Path, dtype: str):
     quant_cfg = build_section(QuantizationConfig, recipe.get("quantization") or {}, "quantization", source)
     base = run.get("base_model") or {}
     base_path = base.get("path")
-    if not base_path or not Path(base_path).is_dir():
+    if (not base_path or not Path(base_path).is_dir()) and not run.get("model"):  # a full-weight run needs no base
         base_path = models.resolve_model(base.get("name") or model_cfg.name)  # e.g. another machine's cache path
     torch_dtype = None if dtype == "auto" else models.resolve_dtype(dtype)  # auto: as the recipe trained it
     tokenizer = models.load_tokenizer(str(adapter_dir), model_cfg.trust_remote_code)

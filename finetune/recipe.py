@@ -87,7 +87,7 @@ class AdapterConfig:
 @dataclass
 class DatasetRef:
     name: str = field_spec("", "A datasets_cfg/ name, a path to a dataset YAML, or a data file "
-                               "(.jsonl/.json/.csv/.parquet).")
+                               "(.jsonl/.json/.csv/.parquet/.txt).")
     split: str = field_spec("train", "Which split of the dataset YAML to read.")
     weight: float = field_spec(1.0, "Mixture weight: keeps round(weight * rows) rows, repeating rows when above 1.",
                                minimum=0.0)
@@ -128,7 +128,7 @@ class ArchitectureConfig:
     tie_embeddings: bool = field_spec(True, "Share the input embeddings with the output head.")
     init_std: float = field_spec(0.02, "Random init: weights ~ N(0, init_std); the projections that write into "
                                        "the residual stream (o_proj, down_proj) N(0, init_std / sqrt(2 * layers)); "
-                                       "norms 1.", minimum=0.0)
+                                       "norms 1.", minimum=1e-6)
 
 
 @dataclass
@@ -449,6 +449,9 @@ def _check_recipe(r: Recipe) -> None:
 
             check_function_name(source.function, f"{src}: rewards[{i}].function")
     _check_scratch(r)
+    if r.train.stage == "pretrain" and not r.data.packing:
+        raise FinetuneError(f"{src}: data.packing = false: pretraining always packs documents into rows (a "
+                            "document's tail carried on into the next row); remove the key")
     if r.train.stage == "reward" and r.adapter.type == "none":
         raise FinetuneError(f"{src}: stage reward needs adapter.type lora (a reward model is read back as base + "
                             "adapter + score head); full fine-tuning of a reward model is not supported")

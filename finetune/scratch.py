@@ -5,7 +5,9 @@ held-out ones), `tokenizer.vocab_size` entries including the 256 byte tokens and
 <|endoftext|> (EOS, between documents), <|pad|> (padding, distinct from EOS and the end-of-turn token) and the
 ChatML turn markers <|im_start|>/<|im_end|>, each a single token. It is saved as an HF tokenizer with the ChatML
 chat template, and cached under $FINETUNE_HOME/tokenizers by the corpus's hash and the settings, so it is trained
-once. Or `tokenizer.name` reuses an existing tokenizer (the missing special tokens are added).
+once. Or `tokenizer.name` reuses an existing tokenizer: what it lacks is added, and an EOS that is a chat turn
+marker (SmolLM2's is <|im_end|>) is replaced by <|endoftext|>, so documents are not separated by end-of-turn
+tokens. A resumed run reads the tokenizer saved in its checkpoint.
 
 Model: a Llama-style decoder from the `architecture` section, vocabulary size = the tokenizer's, in fp32 (the
 trainer computes in bf16 where the hardware has it). Init: every linear and embedding weight ~ N(0, init_std),
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from pathlib import Path
 
 from finetune.errors import FinetuneError
 from finetune.files import file_lock, home_dir, staged_dir
@@ -44,9 +47,15 @@ def corpus_documents(recipe) -> list[str]:
 
 
 def load_tokenizer(recipe):
-    """The tokenizer of a scratch model: reused (tokenizer.name) or trained on the corpus (cached)."""
+    """The tokenizer of a scratch model: the resumed checkpoint's, reused (tokenizer.name), or trained on the
+    corpus (cached)."""
     from finetune import models
 
+    if recipe.train.resume:
+        checkpoints = sorted((Path(recipe.output_dir) / "checkpoints").glob("checkpoint-*/tokenizer.json"),
+                             key=lambda p: int(p.parent.name.rpartition("-")[2]))
+        if checkpoints:
+            return models.load_tokenizer(str(checkpoints[-1].parent))
     if recipe.tokenizer.name:
         tokenizer = models.load_tokenizer(models.resolve_model(recipe.tokenizer.name)
                                           if recipe.tokenizer.name.startswith("embedded:") else recipe.tokenizer.name)
@@ -60,16 +69,20 @@ def train_tokenizer(documents: list[str], vocab_size: int, min_frequency: int = 
     digest = hashlib.sha256()
     for doc in documents:
         digest.update(hashlib.sha256(doc.encode()).digest())
-    key = hashlib.sha256(json.dumps([TOKENIZER_VERSION, digest.hexdigest(), vocab_size, min_frequency,
-                                     SCRATCH_SPECIAL_TOKENS]).encode()).hexdigest()[:20]
+    import tokenizers
+
+    from finetune import templates
+
+    template = templates.load_family("chatml")[0]
+    settings = [TOKENIZER_VERSION, digest.hexdigest(), vocab_size, min_frequency, SCRATCH_SPECIAL_TOKENS, template,
+                tokenizers.__version__]
+    key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:20]
     folder = home_dir() / "tokenizers" / key
     with file_lock(folder.parent / f".{key}.lock"):
         if (folder / "tokenizer.json").is_file():
             return folder
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
         from transformers import PreTrainedTokenizerFast
-
-        from finetune import templates
 
         print(f"Training a byte-level BPE tokenizer ({vocab_size} tokens) on {len(documents)} documents "
               f"(once; cached in {folder})...", flush=True)
@@ -83,19 +96,20 @@ def train_tokenizer(documents: list[str], vocab_size: int, min_frequency: int = 
         backend.train_from_iterator(documents, trainer, length=len(documents))
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, pad_token=PAD,
                                             additional_special_tokens=[IM_START, IM_END])
-        tokenizer.chat_template = templates.load_family("chatml")[0]
+        tokenizer.chat_template = template
         with staged_dir(folder, replace=True) as tmp:
             tokenizer.save_pretrained(tmp)
     return folder
 
 
 def _with_special_tokens(tokenizer):
-    """A reused tokenizer gets what a chat model needs: an EOS, a pad token of its own, the ChatML markers."""
+    """A reused tokenizer gets what pretraining and a chat model need: an EOS that is not a turn marker, a pad
+    token that is neither EOS nor a turn marker, the ChatML markers."""
     from finetune import templates
 
-    if tokenizer.eos_token is None:
+    if tokenizer.eos_token is None or tokenizer.eos_token in (IM_START, IM_END):
         tokenizer.add_special_tokens({"eos_token": EOS})
-    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+    if tokenizer.pad_token in (None, tokenizer.eos_token, IM_START, IM_END):
         tokenizer.add_special_tokens({"pad_token": PAD})
     vocab = tokenizer.get_vocab()
     missing = [t for t in (IM_START, IM_END) if t not in vocab]

@@ -206,7 +206,15 @@ def test_resume_continues_with_the_same_data_order(tmp_path, stories):
     ({"architecture": {**MICRO, "hidden_size": 66, "heads": 4}},
      "architecture.hidden_size = 66 is not divisible by architecture.heads = 4"),
     ({"architecture": {**MICRO, "heads": 4, "kv_heads": 3}}, "is not a multiple of architecture.kv_heads = 3"),
-    ({"tokenizer": {"vocab_size": 100}}, "tokenizer.vocab_size = 100 is smaller than the 256 byte tokens"),
+    ({"tokenizer": {"vocab_size": 259}}, "tokenizer.vocab_size = 259 is smaller than the 256 byte tokens a "
+                                        "byte-level BPE starts from plus its 4 special tokens"),
+    ({"architecture": {**MICRO, "hidden_size": 36, "heads": 4, "kv_heads": 4}},
+     "head size hidden_size / heads = 9 is odd"),
+    ({"architecture": {**MICRO, "max_position_embeddings": 64}},
+     "data.max_length = 128 is longer than architecture.max_position_embeddings = 64"),
+    ({"architecture": {**MICRO, "init_std": 0}}, "architecture.init_std = 0.0 is invalid: must be >= 1e-06"),
+    ({"data": {"datasets": ["scratch_corpus"], "max_length": 128, "packing": False}},
+     "data.packing = false: pretraining always packs documents"),
     ({"adapter": {"type": "lora"}}, "a model built from scratch trains every weight"),
     ({"train": {"stage": "sft"}}, "model.name: scratch builds a random model: pretrain it first"),
     ({"model": {"name": "embedded:smollm2-135m"}}, "architecture describes a model built from scratch"),
@@ -264,6 +272,8 @@ def test_a_reused_tokenizer_gets_its_own_pad_and_the_chat_tokens(tmp_path, stori
     recipe = micro_recipe(tmp_path, stories, tokenizer={"name": smol_path})
     tokenizer = scratch.load_tokenizer(recipe)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # SmolLM2's EOS is its end-of-turn token: documents are separated by <|endoftext|> (in its vocabulary) instead.
+    assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.eos_token_id == 0
     assert tokenizer.pad_token_id not in (tokenizer.eos_token_id, im_end) and tokenizer.pad_token == "<|pad|>"
     assert tokenizer.tokenize("<|im_start|>") == ["<|im_start|>"]
     model = scratch.build_model(recipe, tokenizer)
@@ -277,3 +287,49 @@ def test_every_shipped_dataset_yaml_parses():
         spec = data_lib.load_spec(path.stem)
         assert spec.license and spec.description, path
     assert data_lib.load_spec("scratch_corpus").format == data_lib.load_spec("tinystories").format == "text"
+
+
+def test_a_document_that_spells_a_special_token_keeps_it_as_text(tmp_path, stories):
+    from finetune import scratch
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Write <|endoftext|> or <|im_end|> in a sentence.\n<|endoftext|>\nA second document.\n")
+    recipe = micro_recipe(tmp_path, stories, data={"datasets": [str(corpus)], "eval_datasets": []})
+    tokenizer = scratch.load_tokenizer(micro_recipe(tmp_path, stories))
+    prepared = pretrain.prepare(recipe, tokenizer, None, 42)
+    ids = [t for row in prepared.train["input_ids"] for t in row]
+    assert prepared.stats["train_documents"] == 2 and ids.count(tokenizer.eos_token_id) == 2  # one per document
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") not in ids
+
+
+def test_a_full_weight_run_is_refused_as_init_from_with_the_folder_to_use(micro_run, tmp_path):
+    recipe = recipe_from_dict({"model": {"name": str(micro_run / "model"), "init_from": str(micro_run)},
+                               "data": {"datasets": ["json_extract"]}, "output_dir": str(tmp_path / "run")}, "r.yaml")
+    with pytest.raises(FinetuneError, match=f"use its model folder {micro_run}/model as model.name instead"):
+        runner.train(recipe)
+
+
+def test_a_file_type_that_is_not_read_is_named(tmp_path):
+    from finetune import data as data_lib
+
+    corpus = tmp_path / "notes.md"
+    corpus.write_text("# notes")
+    with pytest.raises(FinetuneError, match=r"notes.md: files ending .md are not read; .* \(rename a plain-text "
+                                            r"corpus to .txt\)"):
+        data_lib.load_spec(str(corpus))
+
+
+def test_continued_pretraining_with_lora_exports_gated_on_documents(tmp_path, tiny_llama, stories):
+    from finetune import export
+
+    recipe = recipe_from_dict({
+        "model": {"name": str(tiny_llama)}, "adapter": {"type": "lora", "r": 8},
+        "data": {"datasets": [{"name": str(stories["train"]), "max_rows": 100}],
+                 "eval_datasets": [{"name": str(stories["heldout"]), "max_rows": 10}], "max_length": 128},
+        "train": {"stage": "pretrain", "max_steps": 3, "learning_rate": 1e-2}, "output_dir": str(tmp_path / "run"),
+    }, "lora-pretrain.yaml")
+    run_dir = runner.train(recipe)
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file() and not (run_dir / "model").exists()
+    report = export.main(run_dir, out=tmp_path / "export", dtype="fp32")
+    assert report["gate"] == "passed" and report["gate_conversations"] == export.GATE_CONVERSATIONS  # documents
+    assert report["base_vs_adapter"]["mean_kl"] > report["merged_vs_adapter"]["mean_kl"]

@@ -105,7 +105,8 @@ def prepare(recipe, tokenizer, chat, seed):
     for which, refs in (("train", recipe.data.datasets), ("eval", recipe.data.eval_datasets)):
         for ref in refs:
             docs, reasons, rows_read, digest = data_lib.read_checked(ref, recipe.data, seed, "text", "pretrain")
-            ids = tokenizer(docs, add_special_tokens=False)["input_ids"] if docs else []
+            # A document's text that spells a special token (<|endoftext|>) stays text, not a control token.
+            ids = tokenizer(docs, add_special_tokens=False, split_special_tokens=True)["input_ids"] if docs else []
             splits[which] += [doc + [tokenizer.eos_token_id] for doc in ids]
             hashes.update(digest)
             per_dataset.append({"dataset": ref.name, "split": ref.split, "rows_read": rows_read, "documents": len(docs),
@@ -128,8 +129,8 @@ def prepare(recipe, tokenizer, chat, seed):
         "train_tokens": tokens, "trained_tokens": _targets(train_rows), "eval_tokens": sum(map(len, splits["eval"])),
         # Pieces of documents carried on into the next row (each restarts its positions at 0).
         "carried_pieces": sum(r["position_ids"].count(0) for r in train_rows) - len(splits["train"]),
-        "overlap": {"exact": len({tuple(d) for d in splits["eval"]} & {tuple(d) for d in splits["train"]}),
-                    "near": 0},
+        # Held-out documents also in training (exactly; near duplicates are not searched among documents).
+        "overlap": {"exact": len({tuple(d) for d in splits["eval"]} & {tuple(d) for d in splits["train"]})},
         "dropped": sum(sum(s["dropped"].values()) for s in per_dataset),
         "vocab_size": len(tokenizer),
         "unigram_entropy_eval": unigram_entropy(train_rows, eval_rows, len(tokenizer)) if eval_rows else None,
@@ -172,9 +173,32 @@ def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, reci
 
 
 def held_out(trainer, prepared) -> dict | None:
-    figures = runner.eval_loss(trainer, prepared)
-    if figures:
-        figures["eval_perplexity"] = round(math.exp(min(figures["eval_loss"], 50.0)), 3)
+    """Held-out loss per predicted token (summed over every held-out token, not averaged per batch, so a short
+    last row weighs what its tokens weigh) and perplexity; logged too, so the loss curve shows them."""
+    import torch
+
+    if prepared.eval is None:
+        return None
+    model, collate = trainer.model, PackedCollator(trainer.processing_class.pad_token_id)
+    was_training, size = model.training, trainer.args.per_device_eval_batch_size
+    model.eval()
+    nll, count = 0.0, 0
+    with torch.no_grad(), trainer.autocast_smart_context_manager():
+        for start in range(0, len(prepared.eval), size):
+            chunk = prepared.eval[start : start + size]
+            batch = collate([dict(zip(chunk, row)) for row in zip(*chunk.values())])
+            batch = {k: v.to(trainer.args.device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[:, :-1].float()
+            labels = batch["labels"][:, 1:]
+            mask = labels != -100
+            logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp_min(0).unsqueeze(-1))[..., 0]
+            nll -= logp[mask].sum().item()
+            count += int(mask.sum())
+    model.train(was_training)
+    loss = nll / max(1, count)
+    figures = {"eval_loss": round(loss, 5), "eval_perplexity": round(math.exp(min(loss, 50.0)), 3),
+               "eval_tokens": count}
+    trainer.log(dict(figures))
     return figures
 
 

@@ -374,7 +374,7 @@ def _print_data_summary(stats: dict, is_main: bool) -> None:
     truncated = f"{stats['truncated']} truncated, " if "truncated" in stats else ""
     print(
         f"Data: {stats['train_rows']} training rows{tokens}, {stats['eval_rows']} held-out rows; "
-        f"{truncated}{stats['dropped']} dropped; held-out overlap: {overlap.get('exact', 0)} "
-        f"exact, {overlap.get('near', 0)} near-duplicate",
+        f"{truncated}{stats['dropped']} dropped; held-out overlap: {overlap.get('exact', 0)} exact"
+        + (f", {overlap['near']} near-duplicate" if "near" in overlap else ""),
         flush=True,
     )
