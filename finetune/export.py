@@ -73,6 +73,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--skip-stop-check", action="store_true", help="skip the generation-based stop check")
 
 
+def export(run_dir, out=None, dtype: str | None = None, shard_size: str = "2GB", merge_base: str = "dequantized",
+           adapter_only: bool = False, stop_check: bool = True) -> dict:
+    """Python API (finetune.export(...)): export a run as the command does. Returns the export report, with
+    "out", the folder written."""
+    return main(Path(run_dir), out=Path(out) if out else None, dtype=dtype, shard_size=shard_size,
+                merge_base=merge_base, adapter_only=adapter_only, stop_check=stop_check)
+
+
 def run(args) -> None:
     from finetune.errors import FinetuneError
 
@@ -124,20 +132,24 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
 
     export_dtype = models.resolve_dtype(dtype or _published_dtype(base_path))
     conversations = _held_out_conversations(run)
-    if not conversations:
+    # A pretraining run's data is plain text: its gate compares logits on held-out documents instead.
+    texts = [] if conversations or task != "causal_lm" else _held_out_texts(run)
+    if not conversations and not texts:
         raise FinetuneError(
-            f"{run_dir}: no chat conversations to check the merge against (the run's data has none that parse as "
-            "chats); the faithful-merge gate needs some. Export with --adapter-only instead"
+            f"{run_dir}: no chat conversations or text documents to check the merge against (the run's data has "
+            "none that parse); the faithful-merge gate needs some. Export with --adapter-only instead"
         )
+    inputs = conversations or texts
 
     # --- The adapter model, in fp32 on the exact base weights the adapter saw in training (dequantized 4/8-bit
     # weights for QLoRA): the reference the merge must reproduce. fp32, so that bf16 activation noise (KL ~5e-3
     # on SmolLM2) is not mistaken for merge error.
     adapter_model = _adapter_model(run, base_path, adapter_dir, tokenizer, bits and merge_base == "dequantized", task)
-    measure, distance = (_scores, _score_distance) if task == "seq_cls" else (_logits, _distance)
-    ref_logits = measure(adapter_model, tokenizer, conversations)
+    measure, distance = ((_scores, _score_distance) if task == "seq_cls" else
+                         (_logits if conversations else _text_logits, _distance))
+    ref_logits = measure(adapter_model, tokenizer, inputs)
     with adapter_model.disable_adapter():
-        base_logits = measure(adapter_model, tokenizer, conversations)
+        base_logits = measure(adapter_model, tokenizer, inputs)
     if bits and merge_base == "original":
         del adapter_model  # the merge goes into the original full-precision weights instead
         adapter_model = _adapter_model(run, base_path, adapter_dir, tokenizer, dequantized=False, task=task)
@@ -166,9 +178,9 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
         # --- Faithful-merge gate on the folder as written, loaded the way users will load it.
         reloaded = models.auto_class(task).from_pretrained(tmp, dtype=export_dtype)
         stop = None
-        if stop_check and task == "causal_lm":
+        if stop_check and task == "causal_lm" and conversations:
             stop = _stop_check(reloaded, tokenizer, conversations, eos_ids)  # as users will run it
-        merged_logits = measure(reloaded.float(), tokenizer, conversations)  # weights as written, fp32 compute
+        merged_logits = measure(reloaded.float(), tokenizer, inputs)  # weights as written, fp32 compute
         del reloaded
         report = {
             "run_dir": str(run_dir),
@@ -181,7 +193,7 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
             "dtype": str(export_dtype).replace("torch.", ""),
             "eos_token_id": eos_ids,
             "end_of_turn": end_of_turn,
-            "gate_conversations": len(conversations),
+            "gate_conversations": len(inputs),
             "merged_vs_adapter": distance(ref_logits, merged_logits),
             "base_vs_adapter": distance(ref_logits, base_logits),
             "thresholds": ({"max_abs_score_diff": MAX_SCORE_DIFF, "score_tie": SCORE_TIE} if task == "seq_cls" else
@@ -214,7 +226,7 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
         write_text(tmp / "README.md",
                    _reward_card(run, report, out) if task == "seq_cls" else _model_card(run, report, out))
     _print_report(report, out)
-    return report
+    return {**report, "out": str(out)}
 
 
 def _export_full(run: dict, run_dir: Path, out: Path | None, dtype: str | None, shard_size: str, stop_check: bool,
@@ -292,7 +304,7 @@ def _export_full(run: dict, run_dir: Path, out: Path | None, dtype: str | None, 
         write_json(tmp / "export_report.json", report)
         write_text(tmp / "README.md", _full_card(run, report, out))
     _print_report(report, out)
-    return report
+    return {**report, "out": str(out)}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -480,8 +492,9 @@ def _logits(model, tokenizer, conversations) -> list:
             prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True,
                                                    return_dict=True)["input_ids"]
             ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+            ids = ids.to(_device(model))  # a 4-bit model sits on the GPU; the gate's figures come back to the CPU
             logits = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits[0]
-            out.append(logits[len(prompt) - 1 : -1].float())
+            out.append(logits[len(prompt) - 1 : -1].float().cpu())
     return out
 
 
@@ -489,9 +502,15 @@ def _text_logits(model, tokenizer, texts) -> list:
     """Logits at every position of the first GATE_TEXT_TOKENS tokens of each document (a base model's use)."""
     import torch
 
+    device = _device(model)
     with torch.no_grad():
-        return [model(input_ids=torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"][:GATE_TEXT_TOKENS]])
-                      ).logits[0].float() for t in texts]
+        return [model(input_ids=torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"][:GATE_TEXT_TOKENS]],
+                                             device=device)).logits[0].float().cpu() for t in texts]
+
+
+def _device(model):
+    """Where a model's first weights are (its inputs go there)."""
+    return next(model.parameters()).device
 
 
 def _scores(model, tokenizer, conversations) -> list:
@@ -571,7 +590,7 @@ def _stop_check(model, tokenizer, conversations, eos_ids: list[int], max_new_tok
     prompts = list({json.dumps(p): p for p in prompts}.values())[:STOP_PROMPTS]  # a pair's two texts share one
     tokenizer.padding_side = "left"
     batch = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                          return_tensors="pt", padding=True)
+                                          return_tensors="pt", padding=True).to(_device(model))
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids,
                              pad_token_id=tokenizer.pad_token_id)
@@ -759,3 +778,8 @@ def _print_report(report: dict, out: Path) -> None:
             line = ("\n  !!! WARNING: the model often does not stop !!!\n" + line +
                     f" (below {MIN_STOP_RATE:.0%}): check the chat template's end-of-turn token and the loss mask")
         print(line)
+
+
+from finetune.api import make_callable  # noqa: E402
+
+make_callable(__name__)

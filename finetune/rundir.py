@@ -132,8 +132,9 @@ def read_completed_run(run_dir: str | Path, what: str) -> dict:
     if status != "completed":
         raise FinetuneError(f"{what} {run_dir}: that run's status is {status!r}, not completed; finish it "
                             "(train.resume=true) or pick a completed run")
-    if not (run_dir / run.get("adapter", "adapter")).is_dir():
-        raise FinetuneError(f"{what} {run_dir}: its adapter/ folder is missing; the run directory is damaged")
+    weights = run.get("model") or run.get("adapter") or "adapter"
+    if not (run_dir / weights).is_dir():
+        raise FinetuneError(f"{what} {run_dir}: its {weights}/ folder is missing; the run directory is damaged")
     return run
 
 
@@ -173,6 +174,7 @@ class RunCallback(TrainerCallback):
             print(f"\n{self.interrupted}: saving a checkpoint after this step, then stopping "
                   "(send it again to stop at once)", file=sys.stderr, flush=True)
 
+        self._previous_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
 
@@ -189,8 +191,10 @@ class RunCallback(TrainerCallback):
             (Path(args.output_dir) / f"checkpoint-{state.global_step}" / "training_args.bin").unlink(missing_ok=True)
 
     def restore_signal_handlers(self) -> None:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        """The handlers as they were before install_signal_handlers (a Python caller's own are kept)."""
+        for sig, previous in (getattr(self, "_previous_handlers", None) or {}).items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous_handlers = {}
 
     def tokens_per_second(self) -> float | None:
         if not self.first_count or not self.last_count or self.last_count[1] <= self.first_count[1]:
