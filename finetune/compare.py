@@ -269,7 +269,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_decoding_arguments(parser)
 
 
-def run(args) -> None:
+def run(args) -> dict:
     from finetune.files import write_json
     from finetune.generate import apply_threads, check_decoding, check_spec, quiet_libraries, settings_for_report
     from finetune.report import format_table, write_report
@@ -340,3 +340,30 @@ def run(args) -> None:
     })
     print(format_table(metrics))
     print(f"\nReport: {paths['html']}  (also {paths['md'].name}, {paths['jsonl'].name}, compare.json in {out_dir})")
+    return {"out": out_dir, "metrics": metrics, "models": records, "report": paths["html"]}
+
+
+def compare(models: dict[str, str], prompts: str, split: str | None = None, max_prompts: int | None = None,
+            out: str | None = None, reward_model: str | None = None, dtype: str = "auto", **decoding) -> dict:
+    """Python API (finetune.compare(...)): {name: spec} models answer the same prompts, as the command does
+    (decoding: max_new_tokens=, decoding=, temperature=, top_k=, top_p=, num_beams=, seed=, batch_size=).
+    Returns {"out", "metrics" (name -> metric -> value), "models", "report" (the HTML file)}."""
+    argv = [a for name, spec in models.items() for a in ("--model", f"{name}={spec}")]
+    argv += ["--prompts", str(prompts), "--dtype", dtype]
+    flags = [("--split", split), ("--max-prompts", max_prompts), ("--out", out), ("--reward-model", reward_model),
+             *((f"--{key.replace('_', '-')}", value) for key, value in decoding.items())]
+    for flag, value in flags:
+        if value is not None:
+            argv += [flag, str(value)]
+    parser = argparse.ArgumentParser(prog="finetune.compare", exit_on_error=False)
+    add_arguments(parser)
+    try:
+        args = parser.parse_args(argv)
+    except (argparse.ArgumentError, SystemExit) as e:
+        raise FinetuneError(f"finetune.compare: {e}") from None
+    return run(args)
+
+
+from finetune.api import make_callable  # noqa: E402
+
+make_callable(__name__)
