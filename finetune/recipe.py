@@ -45,7 +45,8 @@ def field_spec(default, help, choices=None, minimum=None, maximum=None):
 class ModelConfig:
     name: str = field_spec("embedded:smollm2-135m",
                            "Base model: a local HF folder, a hub id, embedded:smollm2-135m, or scratch (built from "
-                           "the `architecture` section, randomly initialised: stage pretrain).")
+                           "the `architecture` section, randomly initialised: stage pretrain; a folder named scratch "
+                           "is ./scratch).")
     revision: str | None = field_spec(None, "Hub revision (branch, tag or commit) when `name` is a hub id.")
     dtype: str = field_spec("auto",
                             "Dtype of the frozen base weights; auto = bf16 where the hardware has it, else fp32.",
