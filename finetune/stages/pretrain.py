@@ -167,9 +167,21 @@ def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, reci
         model = get_peft_model(model, peft_config)
     # A cache in training mode hides the packed pieces from the attention mask (ENVIRONMENT.md); on again at save.
     model.config.use_cache = False
-    return Trainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
-                   data_collator=PackedCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-                   callbacks=callbacks)
+    trainer = Trainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
+                      data_collator=PackedCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+                      callbacks=callbacks)
+    # The matmul rate MFU is measured against, before training and again after it (throughput below): shared cores
+    # have slow phases lasting seconds, and the faster of the two is the machine's rate.
+    trainer.matmul_flops_before = _matmul_flops(args)
+    return trainer
+
+
+def _matmul_flops(args) -> float:
+    import torch
+
+    from finetune.bench import matmul_flops
+
+    return matmul_flops(torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32)
 
 
 def held_out(trainer, prepared) -> dict | None:
@@ -211,10 +223,8 @@ def summary(before, after, history) -> dict:
 
 def throughput(trainer, tokens_per_second: float | None, prepared) -> dict:
     """Model size, the held-out unigram entropy it is measured against, and MFU: 6 x parameters x tokens/s over
-    the dense matmul rate measured on this machine in the dtype training computed in."""
-    import torch
-
-    from finetune.bench import matmul_flops
+    the dense matmul rate measured on this machine in the dtype training computed in (the faster of the
+    measurements before and after training)."""
     from finetune.scratch import parameter_count
 
     model = trainer.model
@@ -222,9 +232,9 @@ def throughput(trainer, tokens_per_second: float | None, prepared) -> dict:
     out = {"parameters": parameters, "parameters_without_embeddings": parameter_count(model, embeddings=False),
            "unigram_entropy_eval": prepared.stats.get("unigram_entropy_eval")}
     if tokens_per_second:
-        dtype = torch.bfloat16 if trainer.args.bf16 else torch.float16 if trainer.args.fp16 else torch.float32
-        peak = matmul_flops(dtype)
-        out.update({"matmul_tflops_measured": round(peak / 1e12, 3), "matmul_dtype": str(dtype).split(".")[-1],
+        peak = max(getattr(trainer, "matmul_flops_before", 0.0), _matmul_flops(trainer.args))
+        dtype = "bfloat16" if trainer.args.bf16 else "float16" if trainer.args.fp16 else "float32"
+        out.update({"matmul_tflops_measured": round(peak / 1e12, 3), "matmul_dtype": dtype,
                     "model_tflops": round(6 * parameters * tokens_per_second / 1e12, 4),
                     "mfu": round(6 * parameters * tokens_per_second / peak, 4)})
     return out
