@@ -181,7 +181,8 @@ def _matmul_flops(args) -> float:
 
     from finetune.bench import matmul_flops
 
-    return matmul_flops(torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32)
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    return matmul_flops(dtype, seconds=1.0, windows=4)
 
 
 def held_out(trainer, prepared) -> dict | None:
