@@ -26,6 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune import templates as templates_lib
 from finetune.errors import FinetuneError
 from finetune.files import file_lock, home_dir, staged_dir, write_json
 from finetune.recipe import build_section, field_spec, read_yaml_mapping
@@ -35,7 +36,9 @@ CHAT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
 FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "txt"}
 # In a .txt file, a line holding only this separates documents (a file without one is one document).
 TXT_SEPARATOR = "<|endoftext|>"
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+# Keys a message may carry besides role and content: tool calls (assistant) and tool results' ids/names (tool).
+MESSAGE_EXTRAS = ("tool_calls", "tool_call_id", "name", "reasoning_content")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 # Bumped when tokenization or checks change, so old cache entries are not reused.
 CACHE_VERSION = 1
@@ -212,6 +215,18 @@ def _col(spec: DatasetSpec, std: str) -> str:
     return spec.columns.get(std, std)
 
 
+def _check_tool_calls(i: int, calls) -> str | None:
+    if not isinstance(calls, list) or not calls:
+        return f"message {i} tool_calls is not a non-empty list"
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            return f"message {i} has a tool call without function.name"
+        if not isinstance(function.get("arguments", {}), (dict, str)):
+            return f"message {i} tool call {function['name']!r} has arguments that are neither an object nor text"
+    return None
+
+
 def check_messages(messages) -> str | None:
     if not isinstance(messages, list) or not messages:
         return "messages is not a non-empty list"
@@ -220,11 +235,16 @@ def check_messages(messages) -> str | None:
             return f"message {i} lacks role or content"
         if m["role"] not in ROLES:
             return f"unknown role '{m['role']}' (allowed: {', '.join(ROLES)})"
-        if not isinstance(m["content"], str):
+        calls = m.get("tool_calls")
+        if calls is not None and m["role"] != "assistant":
+            return f"message {i} has tool_calls but is a {m['role']} message (only assistant turns call tools)"
+        if calls is not None and (problem := _check_tool_calls(i, calls)):
+            return problem
+        if not isinstance(m["content"], str) and not (calls and m["content"] is None):
             return f"message {i} content is {type(m['content']).__name__}, not text"
         if m["role"] == "system" and i != 0:
             return "system message not first"
-        if m["role"] == "assistant" and not m["content"].strip():
+        if m["role"] == "assistant" and not (m["content"] or "").strip() and not calls:
             return "empty assistant turn"
     if not any(m["role"] == "assistant" for m in messages):
         return "no assistant turn"
@@ -247,7 +267,9 @@ def to_messages(spec: DatasetSpec, row) -> list[dict] | str:
                 return RowError("empty or non-text 'text'")
             return text
         if fmt == "messages":
-            messages = [{"role": m.get("role"), "content": m.get("content")} if isinstance(m, dict) else m
+            messages = [{"role": m.get("role"),
+                         "content": "" if m.get("content") is None and m.get("tool_calls") else m.get("content"),
+                         **{k: m[k] for k in MESSAGE_EXTRAS if m.get(k) is not None}} if isinstance(m, dict) else m
                         for m in (row[_col(spec, "messages")] or [])]
         elif fmt == "sharegpt":
             messages = []
@@ -398,22 +420,40 @@ ROW_SHAPES = {
 # ----------------------------------------------------------------------------- tokenization
 
 
-def tokenize(example, tokenizer, training_template: str, max_length: int, assistant_only_loss: bool) -> dict:
-    """input_ids and labels (-100 where no loss) for one conversation or text, cut to max_length."""
+def tokenize(example, tokenizer, chat, max_length: int, assistant_only_loss: bool) -> dict | RowError:
+    """input_ids and labels (-100 where no loss) for one conversation or text, cut to max_length; a RowError where
+    the template cannot mask this conversation or drops its tool calls."""
     if isinstance(example, str):  # plain text: every token is trained, EOS appended so documents end
         ids = tokenizer(example, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
         labels = list(ids)
     else:
-        out = tokenizer.apply_chat_template(
-            example, chat_template=training_template, tokenize=True, return_dict=True,
-            return_assistant_tokens_mask=assistant_only_loss,
-        )
-        ids = list(out["input_ids"])
+        problem = _tool_calls_dropped(example, tokenizer, chat.training)
+        if problem:
+            return RowError(problem)
         if assistant_only_loss:
-            labels = [t if m else -100 for t, m in zip(ids, out["assistant_masks"])]
+            try:
+                ids, mask = templates_lib.masked(tokenizer, chat, example)
+            except templates_lib.NotPrefix as e:
+                return RowError(f"{e}; set data.chat_template to a template with {{% generation %}} markers")
+            labels = [t if m else -100 for t, m in zip(ids, mask)]
         else:
+            out = tokenizer.apply_chat_template(example, chat_template=chat.training, tokenize=True,
+                                                return_dict=True)
+            ids = list(out["input_ids"])
             labels = list(ids)
     return {"input_ids": ids[:max_length], "labels": labels[:max_length], "full_length": len(ids)}
+
+
+def _tool_calls_dropped(messages, tokenizer, template: str) -> str | None:
+    """A template that does not render tool calls would train the model on an empty answer: refuse the row."""
+    if not any(m.get("tool_calls") for m in messages):
+        return None
+    render = lambda msgs: tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False)  # noqa: E731
+    without = [{k: v for k, v in m.items() if k != "tool_calls"} for m in messages]
+    if render(messages) == render(without):
+        return ("the chat template does not render tool calls (the conversation renders the same without them); "
+                "set data.chat_template to a template that supports tools")
+    return None
 
 
 # ----------------------------------------------------------------------------- overlap
@@ -519,7 +559,14 @@ def _load_split(ref, tokenizer, templates, data_cfg, seed: int) -> tuple[list, d
     picked, reasons, rows_read, digest = read_checked(ref, data_cfg, seed)
     rows, truncated = [], 0
     for example in picked:
-        tok = tokenize(example, tokenizer, templates.training, data_cfg.max_length, data_cfg.assistant_only_loss)
+        tok = tokenize(example, tokenizer, templates, data_cfg.max_length, data_cfg.assistant_only_loss)
+        if isinstance(tok, RowError):
+            if data_cfg.strict:
+                start = prompt_text(example)[:60]
+                raise FinetuneError(f"{ref.name}:{ref.split}: the conversation starting {start!r}: {tok}. Fix it, "
+                                    "or set data.strict: false to skip such rows")
+            reasons[str(tok)] += 1
+            continue
         if tok["full_length"] > data_cfg.max_length:
             truncated += 1
         if all(label == -100 for label in tok["labels"]):
@@ -554,7 +601,8 @@ def prepare(data_cfg, tokenizer, templates, seed: int = 42) -> Prepared:
         described = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("description", "license")}
         content.append([ref.name, ref.split, ref.weight, ref.max_rows, described,
                         [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files if Path(f).is_file()]])
-    key_data = [CACHE_VERSION, content, _fingerprint(tokenizer), templates.training, data_cfg.max_length,
+    key_data = [CACHE_VERSION, content, _fingerprint(tokenizer), templates.training, templates.route,
+                data_cfg.max_length,
                 data_cfg.assistant_only_loss, data_cfg.strict, data_cfg.max_drop_fraction, seed,
                 len(data_cfg.datasets)]
     key = hashlib.sha256(json.dumps(key_data, default=str).encode()).hexdigest()[:20]

@@ -99,8 +99,10 @@ class DatasetRef:
 class DataConfig:
     datasets: list[DatasetRef] = field_spec([], "Training datasets.")
     eval_datasets: list[DatasetRef] = field_spec([], "Held-out datasets for eval loss and the overlap check.")
-    chat_template: str = field_spec("auto", "Training chat template: auto (from the model), smollm2, chatml, qwen2_5, "
-                                            "llama3, or a .jinja path.")
+    chat_template: str = field_spec("auto", "Chat template: auto (the model's own: its {% generation %} markers, TRL's "
+                                            "training twin, or masks from rendering prefixes), a family (smollm2, "
+                                            "chatml, qwen3, gemma3, llama3, phi3, ...: any TRL ships), or a .jinja "
+                                            "path.")
     max_length: int = field_spec(512, "Tokens per sequence (per packed row when packing).", minimum=8)
     packing: bool = field_spec(True, "Pack several rows per sequence, kept apart by position ids (exact, no "
                                      "cross-attention).")

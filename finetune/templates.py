@@ -1,12 +1,19 @@
-"""Chat templates: the model's own (for inference and export) and its training twin (for loss masks).
+"""Chat templates: the model's own (for inference and export) and how its assistant tokens are found (for loss masks).
 
-TRL masks the loss to assistant tokens only when the template marks them with `{% generation %}`. We keep
-one training template per family; with its markers removed it renders byte-identically to the family's
-inference template (tests check this on fixed conversations). The markers include each assistant turn's
-end-of-turn token, so the model learns to stop.
+Three routes, tried in this order for a model's own template (`data.chat_template: auto`):
 
-Families: smollm2 (ChatML with SmolLM2's default system prompt), chatml (plain ChatML, given to base
-models that have no template), qwen2_5 and llama3 (TRL ships both versions of these).
+1. markers: the template marks assistant tokens with `{% generation %}` (the model's own, one of our families, or
+   the training twin TRL ships for a template byte-identical to one of its own: Gemma, Phi-3, Qwen3, DeepSeek,
+   gpt-oss, Cohere, LFM2...). With the markers removed a training template renders byte-identically to the
+   inference template (tests check this). The markers include each assistant turn's end-of-turn token.
+2. prefix: any other template whose renderings of a conversation's prefixes are prefixes of each other. An
+   assistant turn's text is the difference between rendering up to the generation prompt and rendering up to
+   the end of that turn; it must end with an end-of-turn marker after the content. Checked per conversation.
+3. otherwise a clear error naming data.chat_template.
+
+Our own families: smollm2 (ChatML with SmolLM2's default system prompt), chatml (plain ChatML, given to base
+models that have no template). Every template TRL ships with a training twin is a family too (qwen2_5, llama3,
+qwen3, gemma3, phi3, ...).
 """
 
 from __future__ import annotations
@@ -31,7 +38,18 @@ def _family_files(name: str) -> tuple[Path, Path]:
     return base / f"{name}.jinja", base / f"{name}_training.jinja"
 
 
-FAMILIES = ("smollm2", "chatml", "qwen2_5", "llama3")
+OUR_FAMILIES = ("smollm2", "chatml")
+
+
+def _trl_families() -> tuple[str, ...]:
+    folder = _trl_dir()
+    return tuple(sorted(p.name[: -len("_training.jinja")] for p in folder.glob("*_training.jinja")
+                        if (folder / p.name.replace("_training.jinja", ".jinja")).is_file()))
+
+
+FAMILIES = OUR_FAMILIES + _trl_families()
+# Families a model's template is matched to by rendering the probe conversations the same (not byte for byte).
+RENDER_MATCHED = ("smollm2", "chatml", "qwen2_5", "llama3")
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 # Conversations on which templates are compared: system or not, multi-turn, odd whitespace.
@@ -80,10 +98,11 @@ def renders_identically(a: str, b: str, special: dict | None = None) -> bool:
 
 @dataclass
 class ChatTemplates:
-    family: str  # a family name, "model" (the model's own, already marked) or a file path
+    family: str  # a family name, "model" (the model's own), "model (prefix)" or a file path
     inference: str  # what runs and exports ship
-    training: str  # the same with {% generation %} markers
+    training: str  # the same with {% generation %} markers (route "markers"), or the inference template itself
     added_tokens: list[str] = field(default_factory=list)  # special tokens added to the vocabulary
+    route: str = "markers"  # how assistant tokens are found: "markers" or "prefix"
 
 
 def load_family(name: str) -> tuple[str, str]:
@@ -100,17 +119,15 @@ def resolve(tokenizer, choice: str = "auto", need_markers: bool = True) -> ChatT
         if not path.is_file():
             raise FinetuneError(f"data.chat_template: file {choice} not found")
         training = path.read_text()
-        if not has_markers(training) and need_markers:
-            raise FinetuneError(
-                f"data.chat_template: {choice} has no {{% generation %}} markers, so assistant tokens cannot be "
-                "told apart; wrap each assistant message and its end-of-turn token in them, or set "
-                "data.assistant_only_loss: false"
-            )
-        return ChatTemplates(str(path), strip_markers(training), training)
+        if has_markers(training) or not need_markers:
+            return ChatTemplates(str(path), strip_markers(training), training)
+        _check_prefix_route(tokenizer, training, f"data.chat_template: {choice}")
+        return ChatTemplates(str(path), training, training, route="prefix")
     if choice != "auto":
         if choice not in FAMILIES:
             raise FinetuneError(
-                f"data.chat_template = {choice!r} is invalid: allowed: auto, {', '.join(FAMILIES)}, or a .jinja path"
+                f"data.chat_template = {choice!r} is invalid: allowed: auto, a .jinja path, or a family: "
+                f"{', '.join(FAMILIES)}"
             )
         inference, training = load_family(choice)
         return ChatTemplates(choice, inference, training, _add_missing_tokens(tokenizer, choice))
@@ -120,20 +137,105 @@ def resolve(tokenizer, choice: str = "auto", need_markers: bool = True) -> ChatT
         return ChatTemplates("chatml", inference, training, _add_missing_tokens(tokenizer, "chatml"))
     if has_markers(own) or not need_markers:
         return ChatTemplates("model", strip_markers(own), own)
+    trl_name = _trl_family_of(own)
+    if trl_name is not None:
+        return ChatTemplates(trl_name, own, load_family(trl_name)[1])
     special = {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
-    for name in FAMILIES:
+    for name in RENDER_MATCHED:
         inference, training = load_family(name)
         if renders_identically(own, inference, special):
             return ChatTemplates(name, own, training)
-    raise FinetuneError(
-        "the model's chat template matches none of the known families "
-        f"({', '.join(FAMILIES)}): set data.chat_template to one of them or to a .jinja file with "
-        "{% generation %} markers, or set data.assistant_only_loss: false"
-    )
+    _check_prefix_route(tokenizer, own, "the model's chat template")
+    return ChatTemplates("model (prefix)", own, own, route="prefix")
+
+
+def _trl_family_of(template: str) -> str | None:
+    """The TRL family whose inference template is byte-identical to this one (what TRL's
+    get_training_chat_template patches), or None."""
+    for name in _trl_families():
+        if (_trl_dir() / f"{name}.jinja").read_text() == template:
+            return name
+    return None
+
+
+class NotPrefix(FinetuneError):
+    """A conversation the prefix route cannot mask (its renderings are not prefixes of each other)."""
+
+
+def _render_text(tokenizer, template: str, messages, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer, template: str, messages) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of each assistant turn in it: from the end of the
+    rendering up to that turn's generation prompt to the end of the rendering up to that turn. Raises NotPrefix
+    where the renderings are not prefixes of each other, or a turn has no end-of-turn marker after its content."""
+    full = _render_text(tokenizer, template, messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render_text(tokenizer, template, messages[:i], True)
+        through = _render_text(tokenizer, template, messages[: i + 1], False) if i + 1 < len(messages) else full
+        if not (through.startswith(before) and full.startswith(through)):
+            raise NotPrefix(
+                f"the chat template renders message {i} (assistant) differently once the conversation goes on "
+                "(its renderings of the conversation's prefixes are not prefixes of each other)"
+            )
+        turn = through[len(before):]
+        content = (message.get("content") or "").strip()
+        after = turn[turn.rfind(content) + len(content):] if content and content in turn else ""
+        if content and not after.strip():
+            raise NotPrefix(f"the chat template closes message {i} (assistant) with no end-of-turn marker, so a "
+                            "trained model would not learn to stop")
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def prefix_masked(tokenizer, template: str, messages) -> tuple[list[int], list[int]]:
+    """Token ids and assistant mask by the prefix route: the rendered text is tokenized piece by piece (prompt
+    pieces, then each assistant turn), as generation sees a prompt and then the answer's tokens."""
+    full, spans = assistant_spans(tokenizer, template, messages)
+    ids, mask, at = [], [], 0
+    for start, end in [*spans, (len(full), len(full))]:
+        for text, trained in ((full[at:start], 0), (full[start:end], 1)):
+            if text:
+                piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids += piece
+                mask += [trained] * len(piece)
+        at = end
+    return ids, mask
+
+
+def _check_prefix_route(tokenizer, template: str, what: str) -> None:
+    """Can the prefix route mask this template? Tried on fixed conversations; a clear error if not."""
+    try:
+        for conversation in PROBE_CONVERSATIONS:
+            assistant_spans(tokenizer, template, conversation)
+    except NotPrefix as e:
+        raise FinetuneError(
+            f"{what} has no {{% generation %}} markers, is not one TRL ships a training version of, and cannot be "
+            f"masked by rendering prefixes: {e}. Set data.chat_template to a family ({', '.join(OUR_FAMILIES)}, "
+            "qwen3, gemma3, llama3, ...) or to a .jinja file with {% generation %} markers around each assistant "
+            "turn and its end-of-turn token, or set data.assistant_only_loss: false"
+        ) from None
+    except Exception as e:  # the template cannot render plain user/assistant turns at all
+        raise FinetuneError(f"{what} cannot render a plain conversation ({type(e).__name__}: {e}); set "
+                            "data.chat_template to a family or a .jinja file") from None
+
+
+def masked(tokenizer, chat: ChatTemplates, messages) -> tuple[list[int], list[int]]:
+    """Token ids and assistant mask (1 = trained) of one conversation, by the template's route."""
+    if chat.route == "prefix":
+        return prefix_masked(tokenizer, chat.training, messages)
+    out = tokenizer.apply_chat_template(messages, chat_template=chat.training, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    return list(out["input_ids"]), list(out["assistant_masks"])
 
 
 def _add_missing_tokens(tokenizer, family: str) -> list[str]:
-    if family not in ("chatml", "smollm2", "qwen2_5"):
+    if CHATML_TOKENS[0] not in load_family(family)[0]:
         return []
     vocab = tokenizer.get_vocab()
     missing = [t for t in CHATML_TOKENS if t not in vocab]
@@ -143,9 +245,18 @@ def _add_missing_tokens(tokenizer, family: str) -> list[str]:
 
 
 def end_of_turn_token_id(tokenizer, training_template: str) -> int:
-    """The token that closes an assistant turn: the last token inside the generation markers."""
+    """The token that closes an assistant turn: the last token inside the generation markers, or (a template
+    without markers) the first token after the answer's content in its turn."""
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
                 {"role": "user", "content": "x"}]
+    if not has_markers(training_template):
+        full, spans = assistant_spans(tokenizer, training_template, messages[:2])
+        turn = full[spans[0][0]:spans[0][1]]
+        after = turn[turn.rfind("ok") + 2:]
+        for token_id in tokenizer(after, add_special_tokens=False)["input_ids"]:
+            if tokenizer.decode([token_id]).strip():
+                return token_id
+        raise FinetuneError("the chat template closes no assistant turn with an end-of-turn marker")
     out = tokenizer.apply_chat_template(
         messages, chat_template=training_template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )

@@ -52,8 +52,8 @@ def test_lenient_mode_skips_and_counts_then_fails_over_the_limit(tmp_path, smol_
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     prepared = data_lib.prepare(_cfg(tmp_path, path, strict=False, max_drop_fraction=0.05), smol_tokenizer, chat)
     assert prepared.stats["train_rows"] == 98
-    assert prepared.stats["datasets"][0]["dropped"] == {"unknown role 'bot' (allowed: system, user, assistant)": 1,
-                                                        "missing field 'messages'": 1}
+    assert prepared.stats["datasets"][0]["dropped"] == {
+        "unknown role 'bot' (allowed: system, user, assistant, tool)": 1, "missing field 'messages'": 1}
     with pytest.raises(FinetuneError, match=r"2 of 100 rows are malformed .* more than data.max_drop_fraction = 0.01"):
         data_lib.prepare(_cfg(tmp_path, path, strict=False), smol_tokenizer, chat)
 

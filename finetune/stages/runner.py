@@ -308,9 +308,10 @@ def eval_loss(trainer, prepared) -> dict | None:
 
 
 def _end_of_turn(tokenizer, chat) -> str | None:
-    if not templates_lib.has_markers(chat.training):
-        return None  # a template without markers (assistant_only_loss: false): export falls back to EOS
-    return tokenizer.convert_ids_to_tokens(templates_lib.end_of_turn_token_id(tokenizer, chat.training))
+    try:
+        return tokenizer.convert_ids_to_tokens(templates_lib.end_of_turn_token_id(tokenizer, chat.training))
+    except (FinetuneError, ValueError, TypeError):
+        return None  # a template whose turn end cannot be found (assistant_only_loss: false): export uses EOS
 
 
 def _per_process_counts(trainer, callback) -> list[dict]:
@@ -346,8 +347,9 @@ def _ready_for_generation(model, tokenizer, chat) -> None:
     chat template's end-of-turn token, padding with the tokenizer's pad token."""
     model.config.use_cache = True
     stops = [tokenizer.eos_token_id]
-    if templates_lib.has_markers(chat.training):
-        stops.append(templates_lib.end_of_turn_token_id(tokenizer, chat.training))
+    end = _end_of_turn(tokenizer, chat)
+    if end is not None:
+        stops.append(tokenizer.convert_tokens_to_ids(end))
     eos = model.generation_config.eos_token_id
     stops += eos if isinstance(eos, list) else [eos] if eos is not None else []
     model.generation_config.eos_token_id = sorted({i for i in stops if i is not None})
