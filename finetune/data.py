@@ -19,9 +19,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import re
+import shutil
+import tempfile
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +63,8 @@ class DatasetSpec:
     files: dict[str, str] = field_spec({}, "Split name -> data file (relative to this YAML) for local data.")
     hub: str | None = field_spec(None, "Hub dataset id, read with datasets.load_dataset (needs network).")
     hub_splits: dict[str, str] = field_spec({}, "Our split name -> the hub dataset's split name.")
+    revision: str | None = field_spec(None, "Hub dataset revision (a commit sha or tag): pins the data, and is part "
+                                            "of the processed-data cache key.")
     type: str | None = field_spec(None, "File type; inferred from the extension.",
                                   (None, "jsonl", "json", "csv", "parquet", "txt"))
     format: str = field_spec("messages", "Row format.", FORMATS)
@@ -133,44 +139,71 @@ def _guess_format(path: Path) -> str:
 
 def read_rows(spec: DatasetSpec, split: str, max_rows: int | None = None) -> tuple[list, str]:
     """Raw rows of one split as (row number, dict-or-error) pairs, and a content hash."""
-    limit = min(x for x in (max_rows, spec.max_rows, 10**12) if x)
-    if spec.hub:
-        import datasets
+    digest = split_digest(spec, split)
+    return list(iter_rows(spec, split, max_rows)), digest
 
-        hub_split = spec.hub_splits.get(split, split)
-        ds = datasets.load_dataset(spec.hub, split=hub_split, cache_dir=str(home_dir() / "hf-datasets"))
-        rows = [(i + 1, row) for i, row in enumerate(ds.select(range(min(limit, len(ds)))))]
-        return rows, hashlib.sha256(f"{spec.hub}:{hub_split}:{ds._fingerprint}".encode()).hexdigest()
+
+def split_digest(spec: DatasetSpec, split: str) -> str:
+    """A content hash of one split: the file's sha256 (read in chunks), or the hub id, split and revision."""
+    if spec.hub:
+        return hashlib.sha256(f"{spec.hub}:{spec.hub_splits.get(split, split)}:{spec.revision}".encode()).hexdigest()
+    path = _split_file(spec, split)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _split_file(spec: DatasetSpec, split: str) -> Path:
     if split not in spec.files:
         raise FinetuneError(f"{spec.source}: no split '{split}'; splits: {', '.join(spec.files)}")
     path = Path(spec.files[split])
     if not path.is_file():
         raise FinetuneError(f"{spec.source}: data file {path} for split '{split}' not found")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return path
+
+
+def iter_rows(spec: DatasetSpec, split: str, max_rows: int | None = None):
+    """Raw rows of one split as (row number, dict-or-error) pairs, one at a time: a file is read as it goes (or
+    memory-mapped by datasets), never held whole."""
+    limit = min(x for x in (max_rows, spec.max_rows, 10**12) if x)
+    if spec.hub:
+        import datasets
+
+        hub_split = spec.hub_splits.get(split, split)
+        ds = datasets.load_dataset(spec.hub, split=hub_split, revision=spec.revision,
+                                   cache_dir=str(home_dir() / "hf-datasets"))
+        for i in range(min(limit, len(ds))):
+            yield i + 1, ds[i]
+        return
+    path = _split_file(spec, split)
     file_type = spec.type or FILE_TYPES.get(path.suffix)
     if file_type is None:
         raise FinetuneError(f"{spec.source}: cannot tell the type of {path}; set `type` (jsonl, json, csv, parquet, "
                             "txt)")
-    rows: list = []
     if file_type == "txt":
-        rows = _txt_documents(path)[:limit]
+        yield from _txt_documents(path)[:limit]
     elif file_type == "jsonl":
         # Read line by line so a broken line is reported with its number (datasets' loader would not say).
+        count = 0
         with open(path, "rb") as f:
             for lineno, raw_line in enumerate(f, 1):
-                if len(rows) >= limit:
+                if count >= limit:
                     break
                 try:
                     line = raw_line.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    rows.append((lineno, RowError(f"not UTF-8 text (byte {e.start})")))
+                    count += 1
+                    yield lineno, RowError(f"not UTF-8 text (byte {e.start})")
                     continue
                 if not line.strip():
                     continue
+                count += 1
                 try:
-                    rows.append((lineno, json.loads(line)))
+                    yield lineno, json.loads(line)
                 except json.JSONDecodeError as e:
-                    rows.append((lineno, RowError(f"unparsable JSON ({e.msg})")))
+                    yield lineno, RowError(f"unparsable JSON ({e.msg})")
     else:
         import datasets
 
@@ -181,8 +214,8 @@ def read_rows(spec: DatasetSpec, split: str, max_rows: int | None = None) -> tup
             raise FinetuneError(f"{path}: cannot read as {file_type}: {e}") from None
         # Row numbers as a person counts them: csv has a header line, others start at 1.
         offset = 2 if file_type == "csv" else 1
-        rows = [(i + offset, row) for i, row in enumerate(ds.select(range(min(limit, len(ds)))))]
-    return rows, digest
+        for i in range(min(limit, len(ds))):
+            yield i + offset, ds[i]
 
 
 def _txt_documents(path: Path) -> list:
@@ -476,27 +509,42 @@ def _shingles(text: str, n: int = 5) -> set:
     return {text[i : i + n] for i in range(max(1, len(text) - n + 1))}
 
 
-def find_overlap(train_prompts: list[str], eval_prompts: list[str], threshold: float = 0.8) -> dict:
+def _prefix(shingles: set, threshold: float) -> list:
+    """Prefix filter: in one fixed order of shingles (here: their hash), two sets with Jaccard >= threshold share
+    at least one of their first len - ceil(threshold * len) + 1 shingles."""
+    ordered = sorted(shingles, key=hash)
+    return ordered[: max(1, len(ordered) - math.ceil(threshold * len(ordered)) + 1)]
+
+
+def find_overlap(train_prompts, eval_prompts: list[str], threshold: float = 0.8) -> dict:
     """Held-out prompts that also appear in training: exactly (after normalising case and spaces), or
-    nearly (Jaccard similarity of character 5-grams >= threshold)."""
-    train_norm = {_norm(p) for p in train_prompts}
-    exact = [i for i, p in enumerate(eval_prompts) if _norm(p) in train_norm]
-    index: dict[str, set] = {}
-    train_sets = [_shingles(p) for p in train_prompts]
-    for row, shingles in enumerate(train_sets):
-        for s in shingles:
-            index.setdefault(s, set()).add(row)
-    near = []
+    nearly (Jaccard similarity of character 5-grams >= threshold). The held-out prompts are indexed by the
+    prefix of their 5-grams; the training prompts (any iterable) stream past that index and candidates are
+    checked exactly, so memory follows the held-out set only."""
+    eval_norm: dict[str, list[int]] = {}
     for i, p in enumerate(eval_prompts):
-        if i in exact:
-            continue
+        eval_norm.setdefault(_norm(p), []).append(i)
+    eval_sets = [_shingles(p) for p in eval_prompts]
+    index: dict[str, list[int]] = {}
+    for i, shingles in enumerate(eval_sets):
+        for s in _prefix(shingles, threshold):
+            index.setdefault(s, []).append(i)
+    exact: set[int] = set()
+    near: set[int] = set()
+    for p in train_prompts:
+        if len(exact) + len(near) == len(eval_prompts):
+            break
+        same = eval_norm.get(_norm(p))
+        if same:
+            exact.update(same)
+            near.difference_update(same)
         mine = _shingles(p)
-        counts = Counter(r for s in mine for r in index.get(s, ()))
-        for row, shared in counts.most_common(5):
-            if shared / len(mine | train_sets[row]) >= threshold:
-                near.append(i)
-                break
-    return {"exact": len(exact), "near": len(near), "examples": [eval_prompts[i][:120] for i in (exact + near)[:3]]}
+        candidates = {i for s in _prefix(mine, threshold) for i in index.get(s, ())} - exact - near
+        for i in candidates:
+            if len(mine & eval_sets[i]) / len(mine | eval_sets[i]) >= threshold:
+                near.add(i)
+    flagged = sorted(exact) + sorted(near)
+    return {"exact": len(exact), "near": len(near), "examples": [eval_prompts[i][:120] for i in flagged[:3]]}
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -511,20 +559,25 @@ class Prepared:
     first_example: object  # the first training conversation, for `validate`
 
 
-def read_checked(ref, data_cfg, seed: int, shape: str = "conversation", stage: str = "sft"):
-    """Rows of one recipe dataset entry: read, converted to the stage's row shape, checked (strict or lenient),
-    weighted. Returns (rows, reasons for dropped rows, rows read, {file: sha256})."""
+def _spec_for(ref, shape: str, stage: str) -> DatasetSpec:
     spec = load_spec(ref.name)
-    formats, convert, needs = ROW_SHAPES[shape]
+    formats, _, needs = ROW_SHAPES[shape]
     if spec.format not in formats:
         raise FinetuneError(
             f"{spec.source}: format {spec.format} does not fit stage {stage}, which trains on {needs}; pick a "
             "dataset of that format (see datasets_cfg/) or another stage"
         )
-    raw, digest = read_rows(spec, ref.split, ref.max_rows)
+    return spec
+
+
+def iter_checked(spec: DatasetSpec, ref, data_cfg, shape: str, reasons: Counter, counts: Counter):
+    """Rows of one recipe dataset entry, read, converted to the stage's row shape and checked, one at a time.
+    Strict mode raises at the first bad row (file and row named); lenient mode counts it in `reasons`.
+    counts["read"] ends as the number of rows read."""
+    _, convert, _ = ROW_SHAPES[shape]
     where = spec.files.get(ref.split, spec.hub or spec.source)
-    kept, reasons = [], Counter()
-    for rowno, row in raw:
+    for rowno, row in iter_rows(spec, ref.split, ref.max_rows):
+        counts["read"] += 1
         converted = convert(spec, row)
         if isinstance(converted, RowError):
             if data_cfg.strict:
@@ -537,50 +590,128 @@ def read_checked(ref, data_cfg, seed: int, shape: str = "conversation", stage: s
             raise FinetuneError(
                 f"{spec.source}: format text has no assistant turns; set data.assistant_only_loss: false to train on it"
             )
-        kept.append(converted)
+        yield converted
+
+
+def _check_drop_fraction(spec: DatasetSpec, ref, data_cfg, reasons: Counter, rows_read: int) -> None:
     dropped = sum(reasons.values())
-    if raw and dropped / len(raw) > data_cfg.max_drop_fraction:
+    if rows_read and dropped / rows_read > data_cfg.max_drop_fraction:
+        where = spec.files.get(ref.split, spec.hub or spec.source)
         detail = ", ".join(f"{n} x {r}" for r, n in reasons.most_common())
         raise FinetuneError(
-            f"{where}: {dropped} of {len(raw)} rows are malformed ({detail}), more than "
+            f"{where}: {dropped} of {rows_read} rows are malformed ({detail}), more than "
             f"data.max_drop_fraction = {data_cfg.max_drop_fraction}; fix the data or raise the limit"
         )
-    # Mixture weight: round(weight * rows) rows, repeating the whole set when the weight is above 1.
+
+
+def _weighted_order(ref, kept: int, seed: int) -> list[int] | None:
+    """Mixture weight: round(weight * rows) rows, repeating the whole set when the weight is above 1 (None: all
+    rows, in order)."""
+    if ref.weight == 1:
+        return None
     rng = random.Random(seed)
-    target = round(ref.weight * len(kept))
-    order = list(range(len(kept)))
+    target = round(ref.weight * kept)
+    order = list(range(kept))
     rng.shuffle(order)
-    picked = [kept[i] for i in (order * (target // max(1, len(kept)) + 1))[:target]] if ref.weight != 1 else kept
-    return picked, reasons, len(raw), {where: digest}
+    return (order * (target // max(1, kept) + 1))[:target]
 
 
-def _load_split(ref, tokenizer, templates, data_cfg, seed: int) -> tuple[list, dict, dict]:
-    """Rows of one recipe dataset entry: checked, converted, weighted, tokenized; with counts."""
-    picked, reasons, rows_read, digest = read_checked(ref, data_cfg, seed)
-    rows, truncated = [], 0
-    for example in picked:
-        tok = tokenize(example, tokenizer, templates, data_cfg.max_length, data_cfg.assistant_only_loss)
-        if isinstance(tok, RowError):
-            if data_cfg.strict:
-                start = prompt_text(example)[:60]
-                raise FinetuneError(f"{ref.name}:{ref.split}: the conversation starting {start!r}: {tok}. Fix it, "
-                                    "or set data.strict: false to skip such rows")
-            reasons[str(tok)] += 1
-            continue
-        if tok["full_length"] > data_cfg.max_length:
-            truncated += 1
-        if all(label == -100 for label in tok["labels"]):
-            cut = tok["full_length"] > data_cfg.max_length
-            reasons["answer truncated away by max_length" if cut
-                    else "no trained tokens (template marks no answer)"] += 1
-            continue
-        rows.append({"input_ids": tok["input_ids"], "labels": tok["labels"], "prompt": prompt_text(example)})
+def read_checked(ref, data_cfg, seed: int, shape: str = "conversation", stage: str = "sft"):
+    """Rows of one recipe dataset entry: read, converted to the stage's row shape, checked (strict or lenient),
+    weighted. Returns (rows, reasons for dropped rows, rows read, {file: sha256})."""
+    spec = _spec_for(ref, shape, stage)
+    reasons, counts = Counter(), Counter()
+    kept = list(iter_checked(spec, ref, data_cfg, shape, reasons, counts))
+    _check_drop_fraction(spec, ref, data_cfg, reasons, counts["read"])
+    order = _weighted_order(ref, len(kept), seed)
+    picked = kept if order is None else [kept[i] for i in order]
+    where = spec.files.get(ref.split, spec.hub or spec.source)
+    return picked, reasons, counts["read"], {where: split_digest(spec, ref.split)}
+
+
+MAP_BATCH = 256  # conversations tokenized per batch (and written per Arrow batch): what bounds memory
+PARALLEL_ROWS = 4000  # below this many rows one process tokenizes: starting workers would cost more
+
+
+def _tokenize_batch(batch, tokenizer, chat, max_length: int, assistant_only_loss: bool) -> dict:
+    out = {"input_ids": [], "labels": [], "full_length": [], "trained": [], "problem": [], "refused": [],
+           "prompt": []}
+    for text in batch["example"]:
+        example = json.loads(text)
+        tok = tokenize(example, tokenizer, chat, max_length, assistant_only_loss)
+        refused = isinstance(tok, RowError)
+        if refused:
+            ids, labels, full, trained, problem = [], [], 0, 0, str(tok)
+        else:
+            ids, labels, full = tok["input_ids"], tok["labels"], tok["full_length"]
+            trained = sum(1 for x in labels if x != -100)
+            problem = "" if trained else ("answer truncated away by max_length" if full > max_length
+                                          else "no trained tokens (template marks no answer)")
+        for key, value in (("input_ids", ids), ("labels", labels), ("full_length", full), ("trained", trained),
+                           ("problem", problem), ("refused", refused), ("prompt", prompt_text(example))):
+            out[key].append(value)
+    return out
+
+
+def _num_proc(data_cfg, rows: int) -> int | None:
+    if data_cfg.num_proc is not None:
+        return data_cfg.num_proc if data_cfg.num_proc > 1 else None
+    return min(os.cpu_count() or 1, 8) if rows >= PARALLEL_ROWS and (os.cpu_count() or 1) > 1 else None
+
+
+def _load_split(ref, tokenizer, templates, data_cfg, seed: int, work: Path):
+    """Rows of one recipe dataset entry: checked and converted as they are read (written to Arrow files under
+    `work`, never all held in memory), weighted, then tokenized by datasets.map (in parallel for large sets,
+    with a progress bar). Returns the tokenized dataset (input_ids, labels, prompt), its counts, its hash and
+    its first conversation."""
+    import datasets
+
+    spec = _spec_for(ref, "conversation", "sft")
+    reasons, counts, first = Counter(), Counter(), []
+
+    def rows():
+        for converted in iter_checked(spec, ref, data_cfg, "conversation", reasons, counts):
+            if not first:
+                first.append(converted)
+            yield {"example": json.dumps(converted, ensure_ascii=False)}
+
+    features = datasets.Features({"example": datasets.Value("string")})
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        ds = datasets.Dataset.from_generator(rows, features=features, cache_dir=str(work),
+                                             fingerprint=uuid.uuid4().hex)
+    except datasets.exceptions.DatasetGenerationError as e:  # our own error raised inside the generator
+        if isinstance(e.__cause__, FinetuneError):
+            raise e.__cause__ from None
+        raise
+    _check_drop_fraction(spec, ref, data_cfg, reasons, counts["read"])
+    order = _weighted_order(ref, len(ds), seed)
+    if order is not None:
+        ds = ds.select(order)
+    ds = ds.map(_tokenize_batch, batched=True, batch_size=MAP_BATCH, writer_batch_size=MAP_BATCH,
+                remove_columns=["example"], num_proc=_num_proc(data_cfg, len(ds)), new_fingerprint=uuid.uuid4().hex,
+                fn_kwargs={"tokenizer": tokenizer, "chat": templates, "max_length": data_cfg.max_length,
+                           "assistant_only_loss": data_cfg.assistant_only_loss},
+                desc=f"Tokenizing {ref.name}:{ref.split}")
+    full_length, trained, problems = (list(ds[c]) for c in ("full_length", "trained", "problem"))
+    refused = [i for i, p in enumerate(ds["refused"]) if p]
+    if refused and data_cfg.strict:
+        start = ds[refused[0]]["prompt"][:60]
+        raise FinetuneError(f"{ref.name}:{ref.split}: the conversation starting {start!r}: {problems[refused[0]]}. "
+                            "Fix it, or set data.strict: false to skip such rows")
+    reasons.update(p for p in problems if p)
+    keep = [i for i, p in enumerate(problems) if not p]
+    if len(keep) < len(ds):
+        ds = ds.select(keep)
     stats = {
-        "dataset": ref.name, "split": ref.split, "rows_read": rows_read, "rows": len(rows), "truncated": truncated,
-        "dropped": dict(reasons), "tokens": sum(len(r["input_ids"]) for r in rows),
-        "trained_tokens": sum(sum(1 for x in r["labels"] if x != -100) for r in rows),
+        "dataset": ref.name, "split": ref.split, "rows_read": counts["read"], "rows": len(keep),
+        "truncated": sum(1 for n in full_length if n > data_cfg.max_length),
+        "dropped": dict(reasons), "tokens": sum(min(full_length[i], data_cfg.max_length) for i in keep),
+        "trained_tokens": sum(trained[i] for i in keep),
     }
-    return rows, stats, digest, (picked[0] if picked else None)
+    where = spec.files.get(ref.split, spec.hub or spec.source)
+    return ds.select_columns(["input_ids", "labels", "prompt"]), stats, {where: split_digest(spec, ref.split)}, \
+        (first[0] if first else None)
 
 
 def _fingerprint(tokenizer) -> str:
@@ -621,39 +752,46 @@ def prepare(data_cfg, tokenizer, templates, seed: int = 42) -> Prepared:
 def _build_cache_entry(entry: Path, data_cfg, tokenizer, templates, seed: int) -> None:
     import datasets
 
-    train_rows, eval_rows, per_dataset, hashes, first = [], [], [], {}, None
-    for ref in data_cfg.datasets:
-        rows, stats, digest, example = _load_split(ref, tokenizer, templates, data_cfg, seed)
-        train_rows += rows
-        per_dataset.append(stats)
-        hashes.update(digest)
-        first = first if first is not None else example
-    for ref in data_cfg.eval_datasets:
-        rows, stats, digest, _ = _load_split(ref, tokenizer, templates, data_cfg, seed)
-        eval_rows += rows
-        per_dataset.append({**stats, "held_out": True})
-        hashes.update(digest)
-    if not train_rows:
-        counts = "; ".join(f"{s['dataset']}:{s['split']} read {s['rows_read']}, dropped {s['dropped']}"
-                           for s in per_dataset)
-        raise FinetuneError(f"no training rows left after checks ({counts}); see `finetune validate`")
-    overlap = find_overlap([r["prompt"] for r in train_rows], [r["prompt"] for r in eval_rows]) if eval_rows else None
-    stats = {
-        "train_rows": len(train_rows),
-        "train_tokens": sum(len(r["input_ids"]) for r in train_rows),
-        "trained_tokens": sum(sum(1 for x in r["labels"] if x != -100) for r in train_rows),
-        "eval_rows": len(eval_rows),
-        "truncated": sum(s["truncated"] for s in per_dataset),
-        "dropped": sum(sum(s["dropped"].values()) for s in per_dataset),
-        "overlap": overlap,
-        "datasets": per_dataset,
-    }
-    with staged_dir(entry, replace=True) as tmp:
-        columns = lambda rows: {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}  # noqa: E731
-        datasets.Dataset.from_dict(columns(train_rows)).save_to_disk(str(tmp / "train"))
-        if eval_rows:
-            datasets.Dataset.from_dict(columns(eval_rows)).save_to_disk(str(tmp / "eval"))
-        write_json(tmp / "stats.json", {"stats": stats, "hashes": hashes, "first_example": first})
+    work = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.work-"))
+    try:
+        parts, per_dataset, hashes, first = {"train": [], "eval": []}, [], {}, None
+        for which, refs in (("train", data_cfg.datasets), ("eval", data_cfg.eval_datasets)):
+            for n, ref in enumerate(refs):
+                ds, stats, digest, example = _load_split(ref, tokenizer, templates, data_cfg, seed,
+                                                         work / f"{which}{n}")
+                parts[which].append(ds)
+                per_dataset.append({**stats, "held_out": True} if which == "eval" else stats)
+                hashes.update(digest)
+                first = first if first is not None or which == "eval" else example
+        train = datasets.concatenate_datasets(parts["train"]) if parts["train"] else None
+        eval_ds = datasets.concatenate_datasets(parts["eval"]) if parts["eval"] else None
+        if train is None or len(train) == 0:
+            counts = "; ".join(f"{s['dataset']}:{s['split']} read {s['rows_read']}, dropped {s['dropped']}"
+                               for s in per_dataset)
+            raise FinetuneError(f"no training rows left after checks ({counts}); see `finetune validate`")
+        overlap = None
+        if eval_ds is not None and len(eval_ds):
+            train_prompts = (p for batch in train.select_columns(["prompt"]).iter(batch_size=1000)
+                             for p in batch["prompt"])
+            overlap = find_overlap(train_prompts, list(eval_ds["prompt"]))
+        train_stats = [s for s in per_dataset if not s.get("held_out")]
+        stats = {
+            "train_rows": len(train),
+            "train_tokens": sum(s["tokens"] for s in train_stats),
+            "trained_tokens": sum(s["trained_tokens"] for s in train_stats),
+            "eval_rows": len(eval_ds) if eval_ds is not None else 0,
+            "truncated": sum(s["truncated"] for s in per_dataset),
+            "dropped": sum(sum(s["dropped"].values()) for s in per_dataset),
+            "overlap": overlap,
+            "datasets": per_dataset,
+        }
+        with staged_dir(entry, replace=True) as tmp:
+            train.select_columns(["input_ids", "labels"]).save_to_disk(str(tmp / "train"))
+            if eval_ds is not None and len(eval_ds):
+                eval_ds.select_columns(["input_ids", "labels"]).save_to_disk(str(tmp / "eval"))
+            write_json(tmp / "stats.json", {"stats": stats, "hashes": hashes, "first_example": first})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def prepare_rows(data_cfg, shape: str, stage: str, seed: int = 42) -> Prepared:

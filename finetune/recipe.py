@@ -112,6 +112,8 @@ class DataConfig:
                                           minimum=0.0, maximum=1.0)
     cache_dir: str | None = field_spec(None,
                                        "Processed-data cache; default $FINETUNE_HOME/data (~/.cache/finetune/data).")
+    num_proc: int | None = field_spec(None, "Processes that tokenize (datasets.map); default: one per core (up to "
+                                            "8) from 4000 rows, else one.", minimum=1)
 
 
 @dataclass

@@ -135,3 +135,50 @@ def test_shipped_skill_set_is_clean(smol_tokenizer, chat, tmp_path):
     stats = data_lib.prepare(cfg, smol_tokenizer, chat).stats
     assert stats["train_rows"] >= 300 and stats["eval_rows"] >= 50
     assert stats["dropped"] == 0 and stats["overlap"]["exact"] == 0 and stats["overlap"]["near"] == 0
+
+
+def test_the_overlap_finder_misses_no_pair_a_full_comparison_finds():
+    """The prefix-filtered index against every train/held-out pair compared in full."""
+    import random
+
+    rng = random.Random(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
+    train = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(300)]
+    held = []
+    for i in range(80):  # copies with a few characters changed, and new prompts
+        text = rng.choice(train) if i % 2 else " ".join(rng.choice(words) for _ in range(8))
+        chars = list(text)
+        for _ in range(rng.randint(0, 3)):
+            chars[rng.randrange(len(chars))] = rng.choice("xyz")
+        held.append("".join(chars))
+
+    def grams(text):
+        text = " ".join(text.lower().split())
+        return {text[i : i + 5] for i in range(max(1, len(text) - 4))}
+
+    exact = [h for h in held if " ".join(h.lower().split()) in {" ".join(t.lower().split()) for t in train}]
+    near = [h for h in held if h not in exact and any(
+        len(grams(h) & grams(t)) / len(grams(h) | grams(t)) >= 0.8 for t in train)]
+    found = data_lib.find_overlap(iter(train), held)
+    assert (found["exact"], found["near"]) == (len(exact), len(near))
+    assert found["near"] >= 3 and found["exact"] >= 3  # the set holds both kinds
+
+
+def test_parallel_tokenization_equals_one_process_and_shows_progress(tmp_path, smol_tokenizer, chat, capfd):
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
+                          {"role": "assistant", "content": f"Answer {i} " * (i % 7 + 1)}]} for i in range(600)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    one = data_lib.prepare(_cfg(tmp_path / "a", path, num_proc=1), smol_tokenizer, chat)
+    two = data_lib.prepare(_cfg(tmp_path / "b", path, num_proc=2), smol_tokenizer, chat)
+    assert one.train["input_ids"][:] == two.train["input_ids"][:] and one.train["labels"][:] == two.train["labels"][:]
+    assert len(one.train) == 600 and one.stats["train_tokens"] == two.stats["train_tokens"]
+    assert capfd.readouterr().err.count(f"Tokenizing {path}:train") >= 2  # a progress bar on stderr, each time
+
+
+def test_a_hub_dataset_revision_is_part_of_its_cache_key(tmp_path):
+    (tmp_path / "hubset.yaml").write_text("hub: someone/chats\nrevision: 0123abc\nformat: messages\n")
+    spec = data_lib.load_spec(str(tmp_path / "hubset.yaml"))
+    other = data_lib.load_spec(str(tmp_path / "hubset.yaml"))
+    other.revision = "fedcba9"
+    assert spec.revision == "0123abc"
+    assert data_lib.split_digest(spec, "train") != data_lib.split_digest(other, "train")
