@@ -57,11 +57,11 @@ def check_launch(recipe) -> None:
             "finetune saves the adapter of FSDP2 runs only. Set fsdp_config.fsdp_version: 2 in the accelerate "
             "config (as recipes/accelerate/fsdp2.yaml does)"
         )
-    if kind and recipe.quantization.bits == 8:
+    if shards_parameters() and recipe.quantization.bits == 8:
         raise FinetuneError(
-            f"{recipe.source}: quantization.bits = 8 under {'FSDP' if kind == 'fsdp' else 'DeepSpeed'}: bitsandbytes "
-            "8-bit weights cannot be sharded (only 4-bit weights can, stored in a float dtype: FSDP-QLoRA). Use "
-            "quantization.bits: 4 or null, or launch without FSDP/DeepSpeed (e.g. recipes/accelerate/ddp.yaml)"
+            f"{recipe.source}: quantization.bits = 8 under {'FSDP' if kind == 'fsdp' else 'DeepSpeed ZeRO-3'}: "
+            "bitsandbytes 8-bit weights cannot be sharded (only 4-bit weights can, stored in a float dtype: "
+            "FSDP-QLoRA). Use quantization.bits: 4 or null, or launch without sharding (recipes/accelerate/ddp.yaml)"
         )
 
 
