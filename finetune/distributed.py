@@ -9,7 +9,7 @@ Saving under FSDP2: each process holds a shard (a DTensor) of every weight. tran
 writes nothing at all under accelerate's default `fsdp_state_dict_type: SHARDED_STATE_DICT` (transformers
 trainer.py, `save_model`), and under FULL_STATE_DICT gathers the whole model, frozen base included, on the first
 process. `save_gathered` gathers only what the adapter folder holds, whatever the state-dict type, so checkpoints
-can stay sharded (cheap to write, resumable) and the run still ends with a complete adapter/.
+can stay sharded (no gather at every save) and the run still ends with a complete adapter/.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def check_launch(recipe) -> None:
     if shards_parameters() and recipe.quantization.bits == 8:
         raise FinetuneError(
             f"{recipe.source}: quantization.bits = 8 under {'FSDP' if kind == 'fsdp' else 'DeepSpeed ZeRO-3'}: "
-            "bitsandbytes 8-bit weights cannot be sharded (only 4-bit weights can, stored in a float dtype: "
+            "bitsandbytes cannot store 8-bit weights in the float dtype that sharding needs (4-bit weights it can: "
             "FSDP-QLoRA). Use quantization.bits: 4 or null, or launch without sharding (recipes/accelerate/ddp.yaml)"
         )
 

@@ -160,7 +160,7 @@ def test_fsdp_refuses_8_bit_weights_and_fsdp_version_1(tmp_path, capsys, monkeyp
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
     code, err = _train_exit(tmp_path, capsys, quantization={"bits": 8})
-    assert code == 2 and "quantization.bits = 8 under FSDP: bitsandbytes 8-bit weights cannot be sharded" in err
+    assert code == 2 and "quantization.bits = 8 under FSDP: bitsandbytes cannot store 8-bit weights" in err
     monkeypatch.setenv("FSDP_VERSION", "1")
     code, err = _train_exit(tmp_path, capsys)
     assert code == 2 and "FSDP version 1; finetune saves the adapter of FSDP2 runs only" in err
