@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from finetune import distributed
 from finetune.errors import FinetuneError
 from finetune.files import file_lock, home_dir, staged_dir
 
@@ -92,7 +93,9 @@ def _embedded_folder(name: str) -> Path:
     return target
 
 
-def bnb_config(bits: int | None, quant_type: str, double_quant: bool, compute_dtype: torch.dtype):
+def bnb_config(bits: int | None, quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
+               storage_dtype: torch.dtype = torch.uint8):
+    """bitsandbytes' config; 4-bit weights are packed into `storage_dtype` (a float dtype when FSDP shards them)."""
     if not bits:
         return None
     from transformers import BitsAndBytesConfig
@@ -104,7 +107,7 @@ def bnb_config(bits: int | None, quant_type: str, double_quant: bool, compute_dt
         bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=storage_dtype,
     )
 
 
@@ -159,7 +162,7 @@ def load_model(model_cfg, quant_cfg=None, path: str | None = None, dtype: torch.
     if quant_cfg is not None and quant_cfg.bits:
         compute = dtype if quant_cfg.compute_dtype == "auto" else resolve_dtype(quant_cfg.compute_dtype)
         kwargs["quantization_config"] = bnb_config(quant_cfg.bits, quant_cfg.quant_type, quant_cfg.double_quant,
-                                                   compute)
+                                                   compute, distributed.quant_storage(dtype))
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     if task == "seq_cls":

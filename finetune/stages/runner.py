@@ -10,8 +10,9 @@
 3. Replace output_dir (overwrite=true) only now that everything loaded; write run.json (status running).
 4. Held-out figures before, train (SIGINT/SIGTERM: checkpoint and stop), held-out figures after.
 5. Save the adapter (safetensors + tokenizer with the inference template; no pickles) in RUN_DIR/adapter, or the
-   whole model (adapter.type none) as an HF model folder in RUN_DIR/model; the summary, and run.json with status
-   completed (or failed/interrupted, with the error, on any exception).
+   whole model (adapter.type none) as an HF model folder in RUN_DIR/model (under FSDP2 gathered from the processes'
+   shards: finetune/distributed.py); a run whose folder holds no weights fails. The summary, and run.json with
+   status completed (or failed/interrupted, with the error, on any exception).
 
 The run directory's layout is described in finetune/rundir.py.
 """
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from finetune import models, scratch, stages
+from finetune import distributed, models, scratch, stages
 from finetune import templates as templates_lib
 from finetune.errors import FinetuneError
 from finetune.files import make_publishable
@@ -78,6 +79,7 @@ def build(recipe: Recipe, callbacks=()) -> Built:
     from accelerate import PartialState
 
     stage = stages.get(recipe.train.stage)
+    distributed.check_launch(recipe)  # FSDP/DeepSpeed launches this run cannot honour, before anything loads
     # --- Trainer arguments first: under accelerate, the process rank is known only once they exist.
     args = trl_config(recipe, stage)
     state = PartialState()
@@ -269,7 +271,10 @@ def _train_and_save(built: Built, recipe: Recipe, run_dir: Path):
     trainer.processing_class.chat_template = built.chat.inference
     if adapter_dir.name == "model":
         _ready_for_generation(trainer.model, trainer.processing_class, built.chat)
-    trainer.save_model(str(adapter_dir))
+    if trainer.is_fsdp_enabled:  # each process holds a shard of every weight: gather the adapter's, write on rank 0
+        distributed.save_gathered(trainer.model, adapter_dir, state.is_main_process, trainer.processing_class)
+    else:
+        trainer.save_model(str(adapter_dir))
     if state.is_main_process:
         # The Trainer pickles its arguments and peft writes a blank model card; run.json holds both instead,
         # and the adapter folder stays safetensors + JSON only. TRL's frozen copy of an init_from adapter (its
@@ -277,6 +282,7 @@ def _train_and_save(built: Built, recipe: Recipe, run_dir: Path):
         (adapter_dir / "training_args.bin").unlink(missing_ok=True)
         (adapter_dir / "README.md").unlink(missing_ok=True)
         shutil.rmtree(adapter_dir / "ref", ignore_errors=True)
+        distributed.check_weights_saved(adapter_dir, run_dir)  # never "completed" without weights
         make_publishable(adapter_dir)  # transformers writes model weights through a private (0600) temp file
 
     history = [row for row in trainer.state.log_history if "loss" in row]
