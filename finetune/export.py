@@ -1,7 +1,7 @@
 """Merge a run's adapter into its base and write a deployable Chat model, checked before it is published.
 
     finetune export RUN_DIR [--out DIR] [--dtype bf16|fp16|fp32] [--shard-size 2GB]
-                    [--merge-base dequantized|original] [--adapter-only] [--license ID]
+                    [--merge-base dequantized|original] [--adapter-only] [--license ID] [--push OWNER/NAME]
 
 The folder loads with plain `transformers` (and so vLLM, TGI, llama.cpp converters): safetensors weights
 (sharded above --shard-size), config.json, generation_config.json whose eos_token_id includes the chat
@@ -42,12 +42,14 @@ absolute path of the run (base folder, data files, run directories) is written a
 /home/me/data/chats.jsonl as chats.jsonl (relative paths such as runs/demo stay as they are). An adapter-only
 export names its base by hub id, else as `embedded:NAME` for the embedded model (the GGUF-dequantized weights it
 was trained on, which finetune converts again on any machine), else by the base folder's name. Secrets are
-redacted from every file written.
+redacted from every file written. `--push OWNER/NAME` uploads the checked folder with huggingface_hub, its token
+from HF_TOKEN or `hf auth login` (never written anywhere).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -81,14 +83,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--skip-stop-check", action="store_true", help="skip the generation-based stop check")
     parser.add_argument("--license", help="the model card's license, a hub license id such as apache-2.0 or mit "
                                           "(default: the base model's where its card says, else unknown)")
+    parser.add_argument("--push", metavar="OWNER/NAME",
+                        help="after a successful export, upload the folder to this Hugging Face Hub model repo "
+                             "(created if missing; token from HF_TOKEN or `hf auth login`)")
 
 
 def export(run_dir, out=None, dtype: str | None = None, shard_size: str = "2GB", merge_base: str = "dequantized",
-           adapter_only: bool = False, stop_check: bool = True, license: str | None = None) -> dict:
+           adapter_only: bool = False, stop_check: bool = True, license: str | None = None,
+           push: str | None = None) -> dict:
     """Python API (finetune.export(...)): export a run as the command does. Returns the export report, with
-    "out", the folder written."""
+    "out", the folder written (and "pushed", the repo's URL, with push="owner/name")."""
     return main(Path(run_dir), out=Path(out) if out else None, dtype=dtype, shard_size=shard_size,
-                merge_base=merge_base, adapter_only=adapter_only, stop_check=stop_check, license=license)
+                merge_base=merge_base, adapter_only=adapter_only, stop_check=stop_check, license=license, push=push)
 
 
 def run(args) -> None:
@@ -99,15 +105,21 @@ def run(args) -> None:
         raise FinetuneError(f"run directory {run_dir} not found")
     main(run_dir, out=Path(args.out) if args.out else None, dtype=args.dtype, shard_size=args.shard_size,
          merge_base=args.merge_base, adapter_only=args.adapter_only, stop_check=not args.skip_stop_check,
-         license=args.license)
+         license=args.license, push=args.push)
 
 
 def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard_size: str = "2GB",
          merge_base: str = "dequantized", adapter_only: bool = False, stop_check: bool = True,
-         license: str | None = None, _after_write=None) -> dict:
-    _check_license(license)  # before minutes of merging
-    return _export(run_dir, out, dtype, shard_size, merge_base, adapter_only, stop_check,
-                   {"repo": None, "license": license}, _after_write)
+         license: str | None = None, push: str | None = None, _after_write=None) -> dict:
+    # Checked before minutes of merging: a push that cannot happen fails now.
+    _check_license(license)
+    if push:
+        _check_push(push)
+    result = _export(run_dir, out, dtype, shard_size, merge_base, adapter_only, stop_check,
+                     {"repo": push, "license": license}, _after_write)
+    if push:
+        result["pushed"] = _push(Path(result["out"]), push)
+    return result
 
 
 def _export(run_dir: Path, out: Path | None, dtype: str | None, shard_size: str, merge_base: str, adapter_only: bool,
@@ -935,6 +947,56 @@ def _check_license(license: str | None) -> None:
     if license is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license):
         raise FinetuneError(f"--license {license!r} is not a hub license id: give one such as apache-2.0, mit, "
                             "cc-by-4.0, other or unknown (https://huggingface.co/docs/hub/repositories-licenses)")
+
+
+def _offline() -> bool:
+    # As huggingface_hub reads it, but now rather than when it was imported.
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _check_push(repo: str) -> None:
+    """Everything a push needs that can be known before exporting: a repo id, network allowed, a token."""
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from finetune.errors import FinetuneError
+
+    try:
+        if repo.count("/") != 1:
+            raise HFValidationError("give the owner (a user or organisation) and the name, owner/name")
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        raise FinetuneError(f"--push {repo!r} is not a Hugging Face Hub repo id ({e}); give owner/name, e.g. "
+                            "--push alice/smollm2-json-extract") from None
+    if _offline():
+        raise FinetuneError(f"--push {repo}: uploading needs network, and HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is "
+                            "set; unset it where there is network, or export without --push and upload the folder "
+                            f"later with `hf upload {repo} EXPORT_FOLDER .`")
+    if not get_token():
+        raise FinetuneError(f"--push {repo}: no Hugging Face token; set HF_TOKEN or run `hf auth login` (the token "
+                            "is read from there and written nowhere)")
+
+
+def _push(out: Path, repo: str) -> str:
+    """Upload the checked export folder to a Hub model repo (created if missing); returns the repo's URL."""
+    from huggingface_hub import HfApi
+
+    from finetune.errors import FinetuneError
+    from finetune.rundir import redact
+
+    api = HfApi()  # the token: HF_TOKEN or the `hf auth login` file, as huggingface_hub finds it
+    try:
+        url = api.create_repo(repo, repo_type="model", exist_ok=True)
+        # Weight files of an earlier push that this export does not have (another shard count) are removed.
+        api.upload_folder(repo_id=repo, folder_path=out, repo_type="model", commit_message="finetune export",
+                          delete_patterns=["*.safetensors", "*.safetensors.index.json"])
+    except Exception as e:  # network, permission, quota: the export itself is complete and stays
+        raise FinetuneError(redact(f"--push {repo}: the export in {out} is complete, but the upload failed "
+                                   f"({type(e).__name__}: {e}); retry with `hf upload {repo} {out} .`")) from None
+    print(f"Pushed {out} to {url}")
+    return str(url)
 
 
 def _print_report(report: dict, out: Path) -> None:

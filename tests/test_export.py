@@ -265,3 +265,28 @@ def test_a_bad_license_is_refused_before_anything_is_exported(tmp_path, lora_run
     with pytest.raises(FinetuneError, match="--license 'Apache 2' is not a hub license id"):
         export.export(lora_run, out=tmp_path / "export", license="Apache 2")
     assert not (tmp_path / "export").exists()
+
+
+def test_push_is_checked_before_anything_is_exported(tmp_path, lora_run, monkeypatch, capsys):
+    from finetune import cli
+
+    out = tmp_path / "export"
+    for repo in ["not a repo", "a/b/c", "name-without-owner", "alice/bad--name"]:
+        with pytest.raises(FinetuneError, match=rf"--push '{repo}' is not a Hugging Face Hub repo id"):
+            export.export(lora_run, out=out, push=repo)
+    assert cli.main(["export", str(lora_run), "--out", str(out), "--push", "not a repo"]) == 2
+    assert "--push 'not a repo' is not a Hugging Face Hub repo id" in capsys.readouterr().err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FinetuneError, match="--push alice/chat: uploading needs network, and HF_HUB_OFFLINE"):
+        export.export(lora_run, out=out, push="alice/chat")
+    # With network allowed but no token anywhere, the push is refused before exporting.
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    with pytest.raises(FinetuneError, match="--push alice/chat: no Hugging Face token; set HF_TOKEN"):
+        export.export(lora_run, out=out, push="alice/chat")
+    assert not out.exists()
