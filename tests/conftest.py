@@ -77,6 +77,29 @@ def tiny_qwen2(smol_tokenizer, tmp_path_factory) -> Path:
     return build_tiny("qwen2", smol_tokenizer, tmp_path_factory.mktemp("tiny-qwen2"), tie=False)
 
 
+def assert_no_local_paths(folder: Path, *paths) -> None:
+    """No file under folder (text or weights' headers) names these paths, the home folder or FINETUNE_HOME."""
+    from finetune.files import home_dir
+
+    forbidden = {str(p) for p in paths} | {f"{Path.home()}/", str(home_dir())}
+    for file in sorted(folder.rglob("*")):
+        if file.is_file():
+            data = file.read_bytes()
+            found = [p for p in forbidden if p.encode() in data]
+            assert not found, f"{file.relative_to(folder)} names the local path(s) {found}"
+
+
+def front_matter(card: Path) -> dict:
+    """A model card's YAML header, parsed as the Hub parses it (and as plain YAML)."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    text = card.read_text()
+    assert text.startswith("---\n"), "the card opens with YAML front matter"
+    assert isinstance(yaml.safe_load(text.split("---\n")[1]), dict)
+    return ModelCard(text).data.to_dict()
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import CONVERSATIONS, build_tiny, tiny_recipe, write_jsonl
+from conftest import CONVERSATIONS, assert_no_local_paths, build_tiny, front_matter, tiny_recipe, write_jsonl
 from safetensors.torch import load_file, save_file
 
 from finetune import export
@@ -32,6 +32,13 @@ def chats(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_llama, chats):
     return _train(tmp_path_factory.mktemp("lora"), tiny_llama, chats)
+
+
+@pytest.fixture(scope="module")
+def lora_export(tmp_path_factory, lora_run):
+    """One merged export of lora_run, read (or copied) by the tests that need a finished export."""
+    out = tmp_path_factory.mktemp("hub") / "export"
+    return out, export.main(lora_run, out=out, stop_check=False)
 
 
 def _folder_digest(folder):
@@ -122,9 +129,11 @@ def test_trained_head_rows_survive_reload_tied_or_not(request, tmp_path, chats, 
     assert torch.equal(reloaded.model.embed_tokens.weight, original.model.embed_tokens.weight)
 
 
-def test_a_failed_or_killed_export_leaves_the_previous_export_intact(tmp_path, lora_run):
+def test_a_failed_or_killed_export_leaves_the_previous_export_intact(tmp_path, lora_run, lora_export):
+    import shutil
+
     out = tmp_path / "export"
-    export.main(lora_run, out=out, stop_check=False)
+    shutil.copytree(lora_export[0], out)  # a previous export of the run
     before = _folder_digest(out)
 
     def crash(folder):
@@ -159,12 +168,14 @@ def test_corrupted_adapter_gives_a_clear_error(tmp_path, lora_run):
         export.main(run_dir, stop_check=False)
 
 
-def test_adapter_only_export_names_a_loadable_base(tmp_path, lora_run, tiny_llama):
+def test_adapter_only_export_names_a_loadable_base(tmp_path, lora_run, tiny_llama, monkeypatch):
     from peft import AutoPeftModelForCausalLM
 
     export.main(lora_run, out=tmp_path / "adapter-only", adapter_only=True)
     config = json.loads((tmp_path / "adapter-only" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(tiny_llama)
+    # A local base without a hub id is named by its folder's name: it loads from the folder that holds it.
+    assert config["base_model_name_or_path"] == tiny_llama.name
+    monkeypatch.chdir(tiny_llama.parent)
     model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter-only")
     assert any("lora_" in n for n, _ in model.named_parameters())
     assert (tmp_path / "adapter-only" / "tokenizer.json").is_file()
@@ -180,3 +191,102 @@ def test_export_never_replaces_something_that_is_not_an_export(tmp_path, lora_ru
     with pytest.raises(FinetuneError, match="is the run directory or holds it"):
         export.main(lora_run, out=lora_run, adapter_only=True)
     assert (lora_run / "run.json").is_file()
+
+
+# ----------------------------------------------------------------------------- hub-ready
+
+
+def test_a_merged_export_is_hub_ready_and_names_no_local_path(tmp_path_factory, lora_export, tiny_llama):
+    import yaml
+
+    out, report = lora_export
+    meta = front_matter(out / "README.md")
+    # The tiny base is a local folder with no hub id and no card: no base_model key, license unknown.
+    assert meta == {"library_name": "transformers", "license": "unknown", "pipeline_tag": "text-generation",
+                    "tags": ["finetune", "sft", "lora"]}
+    assert_no_local_paths(out, tmp_path_factory.getbasetemp())
+    # Local paths are written by their last name.
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["model"]["name"] == tiny_llama.name and recipe["output_dir"] == "run"
+    assert recipe["data"]["datasets"][0]["name"] == "chats.jsonl"
+    assert report["base_model"] == {"name": tiny_llama.name, "hub_id": None}
+    assert json.loads((out / "export_report.json").read_text())["run_dir"] == "run"
+    assert 'from_pretrained("export")' in (out / "README.md").read_text()
+
+
+def test_an_embedded_base_is_named_by_hub_id_with_the_weights_it_was_trained_on(tmp_path_factory, tmp_path,
+                                                                                  lora_run, lora_export, smol_path,
+                                                                                  monkeypatch, capsys):
+    """A run on the embedded SmolLM2 (its run.json, on the tiny run's adapter): the cards name the hub id and say the
+    weights were the GGUF-dequantized ones; the adapter names them as embedded:...; no secret is written."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(lora_run, run_dir)
+    run = json.loads((run_dir / "run.json").read_text())
+    secret = "hf_TestSecretValue0123456789"
+    run["base_model"] = {"name": "embedded:smollm2-135m", "path": smol_path,
+                         "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+    run["recipe"]["model"]["revision"] = secret  # a value that must never be published
+    (run_dir / "run.json").write_text(json.dumps(run))
+    monkeypatch.setenv("HF_TOKEN", secret)
+
+    out = tmp_path / "adapter"
+    export.main(run_dir, out=out, adapter_only=True)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "embedded:smollm2-135m"
+    meta = front_matter(out / "README.md")
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["library_name"] == "peft"
+    assert meta["license"] == "apache-2.0" and meta["pipeline_tag"] == "text-generation"
+    card = (out / "README.md").read_text()
+    assert "Quantized from HuggingFaceTB/SmolLM2-135M-Instruct: trained on the GGUF-dequantized weights" in card
+    assert_no_local_paths(out, tmp_path_factory.getbasetemp(), smol_path, secret)
+    assert secret not in capsys.readouterr().out
+
+    # The merged card of the same run: the same base and note, and --license replaces the base's.
+    report = {**json.loads((lora_export[0] / "export_report.json").read_text()),
+              "base_model": export._published_base(run)}
+    assert report["base_model"]["weights"].startswith("dequantized from SmolLM2-135M-Instruct.Q4_1.gguf")
+    (tmp_path / "README.md").write_text(export._model_card(run, report, "alice/smol-chat", "mit"))
+    meta = front_matter(tmp_path / "README.md")
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["license"] == "mit"
+    assert meta["library_name"] == "transformers"
+    card = (tmp_path / "README.md").read_text()
+    assert "trained on the GGUF-dequantized weights" in card and 'from_pretrained("alice/smol-chat")' in card
+
+
+def test_hub_datasets_and_portable_names():
+    run = {"recipe": {"data": {"datasets": [{"name": "tinystories"}, {"name": "json_extract"}]}}}
+    assert export._hub_datasets(run) == ["roneneldan/TinyStories"]  # json_extract is local files: no hub id
+    assert export._portable(["/tmp/a/b.jsonl", "~/data/c", "../../d", "runs/demo", "/no_think", "embedded:x"]) == [
+        "b.jsonl", "c", "d", "runs/demo", "/no_think", "embedded:x"]
+
+
+def test_a_bad_license_is_refused_before_anything_is_exported(tmp_path, lora_run):
+    with pytest.raises(FinetuneError, match="--license 'Apache 2' is not a hub license id"):
+        export.export(lora_run, out=tmp_path / "export", license="Apache 2")
+    assert not (tmp_path / "export").exists()
+
+
+def test_push_is_checked_before_anything_is_exported(tmp_path, lora_run, monkeypatch, capsys):
+    from finetune import cli
+
+    out = tmp_path / "export"
+    for repo in ["not a repo", "a/b/c", "name-without-owner", "alice/bad--name"]:
+        with pytest.raises(FinetuneError, match=rf"--push '{repo}' is not a Hugging Face Hub repo id"):
+            export.export(lora_run, out=out, push=repo)
+    assert cli.main(["export", str(lora_run), "--out", str(out), "--push", "not a repo"]) == 2
+    assert "--push 'not a repo' is not a Hugging Face Hub repo id" in capsys.readouterr().err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FinetuneError, match="--push alice/chat: uploading needs network, and HF_HUB_OFFLINE"):
+        export.export(lora_run, out=out, push="alice/chat")
+    # With network allowed but no token anywhere, the push is refused before exporting.
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    with pytest.raises(FinetuneError, match="--push alice/chat: no Hugging Face token; set HF_TOKEN"):
+        export.export(lora_run, out=out, push="alice/chat")
+    assert not out.exists()

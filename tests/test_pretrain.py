@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, assert_no_local_paths, front_matter
 from safetensors.torch import load_file
 
 from finetune.errors import FinetuneError
@@ -156,7 +156,7 @@ def test_the_saved_model_is_a_plain_hf_folder_that_generates(micro_run):
     assert set(model.generation_config.eos_token_id) == {tokenizer.eos_token_id, im_end}
 
 
-def test_export_and_inference_accept_a_run_without_adapter(micro_run, tmp_path):
+def test_export_and_inference_accept_a_run_without_adapter(micro_run, tmp_path, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     from finetune import export, generate
@@ -168,6 +168,11 @@ def test_export_and_inference_accept_a_run_without_adapter(micro_run, tmp_path):
     trained = load_file(micro_run / "model" / "model.safetensors")
     assert torch.equal(exported.state_dict()["model.embed_tokens.weight"], trained["model.embed_tokens.weight"])
     assert "Base model pretrained from scratch" in (tmp_path / "export" / "README.md").read_text()
+    # Hub-ready: no base_model (there is none), the method in the tags, no local path in any file.
+    assert front_matter(tmp_path / "export" / "README.md") == {
+        "library_name": "transformers", "license": "unknown", "pipeline_tag": "text-generation",
+        "tags": ["finetune", "pretrain", "from-scratch"]}
+    assert_no_local_paths(tmp_path / "export", tmp_path_factory.getbasetemp())
     loaded = generate.load_for_inference(str(micro_run))
     assert loaded.info["kind"] == "run" and "pretrained from scratch" in loaded.description
     with pytest.raises(FinetuneError, match="no adapter"):

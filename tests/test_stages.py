@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, Snapshot, tiny_recipe, write_jsonl  # noqa: F401
+from conftest import REPO, Snapshot, front_matter, tiny_recipe, write_jsonl  # noqa: F401
 from safetensors.torch import load_file
 
 from finetune import stages
@@ -100,6 +100,9 @@ def test_exported_reward_model_scores_like_the_run(tmp_path, tiny_llama, pref_fi
     from_run = score(*load_reward_model(str(run_dir)), texts)
     from_export = score(*load_reward_model(str(run_dir / "export")), texts)
     assert from_export == pytest.approx(from_run, abs=1e-4)
+    meta = front_matter(run_dir / "export" / "README.md")
+    assert meta["pipeline_tag"] == "text-classification" and meta["tags"] == ["finetune", "reward", "reward-model",
+                                                                              "lora"]
 
 
 # ----------------------------------------------------------------------------- dpo
