@@ -3,11 +3,11 @@
     .venv/bin/python benchmarks/bench_data.py [--rows 20000 200000] [--num-proc N] [--max-length 512]
 
 For each size, a child process writes that many generated multi-turn conversations (system prompt, two
-user/assistant exchanges, ~90 words each) to a JSONL file, then prepares them as an SFT recipe would with the
-embedded SmolLM2 tokenizer and template (fresh cache, 2% held out for the overlap check). It reports the
-seconds, rows/s, and peak RSS of the process and of its tokenizing workers (ru_maxrss). Memory bounded by
-the batch, not by the dataset, shows as peak RSS that does not grow with the row count. One JSON object
-goes to stdout.
+user/assistant exchanges, ~90 words each, drawn with Zipf frequencies from 5,000 pseudo-words) to a JSONL
+file, then prepares them as an SFT recipe would with the embedded SmolLM2 tokenizer and template (fresh
+cache, 2% held out for the overlap check). It reports the seconds, rows/s, and peak RSS of the process and
+of its tokenizing workers (ru_maxrss). Memory bounded by the batch, not by the dataset, shows as peak RSS
+that does not grow with the row count. One JSON object goes to stdout.
 """
 
 from __future__ import annotations
@@ -27,12 +27,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-WORDS = ("the a model answer data token train chat base turn loss step adapter merge export compare prompt reply "
-         "json name city age field value short long quick slow first last next").split()
+def _vocabulary(n: int = 5000, seed: int = 7) -> tuple[list[str], list[float]]:
+    """Pseudo-words with Zipf frequencies, like a text's vocabulary."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(n)]
+    return words, [1 / (rank + 1) for rank in range(n)]
+
+
+WORDS, WEIGHTS = _vocabulary()
 
 
 def _sentence(rng: random.Random, n: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
+    return " ".join(rng.choices(WORDS, WEIGHTS, k=n)).capitalize() + "."
 
 
 def write_rows(path: Path, rows: int, seed: int = 0) -> None:

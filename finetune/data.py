@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import json
 import math
 import os
@@ -509,25 +510,28 @@ def _shingles(text: str, n: int = 5) -> set:
     return {text[i : i + n] for i in range(max(1, len(text) - n + 1))}
 
 
-def _prefix(shingles: set, threshold: float) -> list:
-    """Prefix filter: in one fixed order of shingles (here: their hash), two sets with Jaccard >= threshold share
-    at least one of their first len - ceil(threshold * len) + 1 shingles."""
-    ordered = sorted(shingles, key=hash)
+def _prefix(shingles: set, threshold: float, order) -> list:
+    """Prefix filter: in one fixed order of all shingles, two sets with Jaccard >= threshold share at least one of
+    their first len - ceil(threshold * len) + 1 shingles."""
+    ordered = sorted(shingles, key=order)
     return ordered[: max(1, len(ordered) - math.ceil(threshold * len(ordered)) + 1)]
 
 
 def find_overlap(train_prompts, eval_prompts: list[str], threshold: float = 0.8) -> dict:
     """Held-out prompts that also appear in training: exactly (after normalising case and spaces), or
     nearly (Jaccard similarity of character 5-grams >= threshold). The held-out prompts are indexed by the
-    prefix of their 5-grams; the training prompts (any iterable) stream past that index and candidates are
-    checked exactly, so memory follows the held-out set only."""
+    prefix of their 5-grams (rarest in the held-out set first, so few prompts share one); the training prompts
+    (any iterable) stream past that index and candidates are checked exactly, so memory follows the held-out
+    set only."""
     eval_norm: dict[str, list[int]] = {}
     for i, p in enumerate(eval_prompts):
         eval_norm.setdefault(_norm(p), []).append(i)
     eval_sets = [_shingles(p) for p in eval_prompts]
+    frequency = Counter(s for shingles in eval_sets for s in shingles)
+    order = lambda s: (frequency.get(s, 0), hash(s))  # noqa: E731
     index: dict[str, list[int]] = {}
     for i, shingles in enumerate(eval_sets):
-        for s in _prefix(shingles, threshold):
+        for s in _prefix(shingles, threshold, order):
             index.setdefault(s, []).append(i)
     exact: set[int] = set()
     near: set[int] = set()
@@ -539,7 +543,13 @@ def find_overlap(train_prompts, eval_prompts: list[str], threshold: float = 0.8)
             exact.update(same)
             near.difference_update(same)
         mine = _shingles(p)
-        candidates = {i for s in _prefix(mine, threshold) for i in index.get(s, ())} - exact - near
+        # In the order, the 5-grams no held-out prompt has come first: when they fill the prefix, no candidate.
+        shared = mine & frequency.keys()
+        prefix_length = max(1, len(mine) - math.ceil(threshold * len(mine)) + 1)
+        if len(mine) - len(shared) >= prefix_length:
+            continue
+        prefix = heapq.nsmallest(prefix_length - (len(mine) - len(shared)), shared, key=order)
+        candidates = {i for s in prefix for i in index.get(s, ())} - exact - near
         for i in candidates:
             if len(mine & eval_sets[i]) / len(mine | eval_sets[i]) >= threshold:
                 near.add(i)
