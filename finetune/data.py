@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import heapq
 import json
-import math
 import os
 import random
 import re
 import shutil
 import tempfile
 import uuid
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -510,29 +509,40 @@ def _shingles(text: str, n: int = 5) -> set:
     return {text[i : i + n] for i in range(max(1, len(text) - n + 1))}
 
 
-def _prefix(shingles: set, threshold: float, order) -> list:
-    """Prefix filter: in one fixed order of all shingles, two sets with Jaccard >= threshold share at least one of
-    their first len - ceil(threshold * len) + 1 shingles."""
-    ordered = sorted(shingles, key=order)
-    return ordered[: max(1, len(ordered) - math.ceil(threshold * len(ordered)) + 1)]
+_MINHASH_BANDS, _MINHASH_ROWS = 16, 4  # a pair at Jaccard 0.8 shares a band with probability 1 - (1 - 0.8**4)**16
+_MERSENNE = (1 << 31) - 1  # a * x + b stays below 2**63 for a, b, x < 2**31
+
+
+def _minhash_bands(shingles: set, a, b) -> list[bytes]:
+    """The MinHash signature of a set of 5-grams (crc32 of each, permuted as (a*x + b) mod 2**31-1), cut into
+    bands; two sets that share a band are candidates."""
+    import numpy as np
+
+    x = np.fromiter((zlib.crc32(s.encode()) % _MERSENNE for s in shingles), dtype=np.uint64, count=len(shingles))
+    signature = ((np.outer(x, a) + b) % _MERSENNE).min(axis=0)
+    return [signature[i * _MINHASH_ROWS:(i + 1) * _MINHASH_ROWS].tobytes() + bytes([i])
+            for i in range(_MINHASH_BANDS)]
 
 
 def find_overlap(train_prompts, eval_prompts: list[str], threshold: float = 0.8) -> dict:
     """Held-out prompts that also appear in training: exactly (after normalising case and spaces), or
-    nearly (Jaccard similarity of character 5-grams >= threshold). The held-out prompts are indexed by the
-    prefix of their 5-grams (rarest in the held-out set first, so few prompts share one); the training prompts
-    (any iterable) stream past that index and candidates are checked exactly, so memory follows the held-out
-    set only."""
+    nearly (Jaccard similarity of character 5-grams >= threshold). Near candidates come from MinHash bands
+    (16 bands of 4 hashes: a pair at Jaccard 0.8 is a candidate with probability 0.9998, at 0.9 with
+    probability 1 - 1e-9), and every candidate is checked exactly. The held-out prompts are indexed; the
+    training prompts (any iterable) stream past, so memory follows the held-out set only."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(1, _MERSENNE, _MINHASH_BANDS * _MINHASH_ROWS, dtype=np.uint64)
+    b = rng.integers(0, _MERSENNE, _MINHASH_BANDS * _MINHASH_ROWS, dtype=np.uint64)
     eval_norm: dict[str, list[int]] = {}
     for i, p in enumerate(eval_prompts):
         eval_norm.setdefault(_norm(p), []).append(i)
     eval_sets = [_shingles(p) for p in eval_prompts]
-    frequency = Counter(s for shingles in eval_sets for s in shingles)
-    order = lambda s: (frequency.get(s, 0), hash(s))  # noqa: E731
-    index: dict[str, list[int]] = {}
+    index: dict[bytes, list[int]] = {}
     for i, shingles in enumerate(eval_sets):
-        for s in _prefix(shingles, threshold, order):
-            index.setdefault(s, []).append(i)
+        for band in _minhash_bands(shingles, a, b):
+            index.setdefault(band, []).append(i)
     exact: set[int] = set()
     near: set[int] = set()
     for p in train_prompts:
@@ -543,15 +553,10 @@ def find_overlap(train_prompts, eval_prompts: list[str], threshold: float = 0.8)
             exact.update(same)
             near.difference_update(same)
         mine = _shingles(p)
-        # In the order, the 5-grams no held-out prompt has come first: when they fill the prefix, no candidate.
-        shared = mine & frequency.keys()
-        prefix_length = max(1, len(mine) - math.ceil(threshold * len(mine)) + 1)
-        if len(mine) - len(shared) >= prefix_length:
-            continue
-        prefix = heapq.nsmallest(prefix_length - (len(mine) - len(shared)), shared, key=order)
-        candidates = {i for s in prefix for i in index.get(s, ())} - exact - near
+        candidates = {i for band in _minhash_bands(mine, a, b) for i in index.get(band, ())} - exact - near
         for i in candidates:
-            if len(mine & eval_sets[i]) / len(mine | eval_sets[i]) >= threshold:
+            shared = len(mine & eval_sets[i])
+            if shared / (len(mine) + len(eval_sets[i]) - shared) >= threshold:
                 near.add(i)
     flagged = sorted(exact) + sorted(near)
     return {"exact": len(exact), "near": len(near), "examples": [eval_prompts[i][:120] for i in flagged[:3]]}
