@@ -237,3 +237,25 @@ def test_trackio_logs_to_its_local_database(tiny_llama, tmp_path, monkeypatch):
     database = SQLiteStorage.get_project_db_path("huggingface")
     assert database.parent == tmp_path / "trackio"
     assert SECRET.encode() not in database.read_bytes()
+
+
+def test_each_run_in_one_process_gets_its_own_local_mlflow_run_and_the_environment_is_put_back(tmp_path, monkeypatch):
+    import os
+
+    import mlflow
+
+    from finetune.trackers import local_trackers
+
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE", "MLFLOW_RUN_ID", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for name, fails in (("first", False), ("second", True)):
+        with contextlib.suppress(RuntimeError), local_trackers(tmp_path / name, ["mlflow"], name):
+            mlflow.log_metric("loss", 1.0, step=1)
+            if fails:
+                raise RuntimeError("training failed")
+        assert mlflow.active_run() is None
+        assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_ALLOW_FILE_STORE" not in os.environ
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    for name, status in (("first", "FINISHED"), ("second", "FAILED")):
+        runs = mlflow.MlflowClient((tmp_path / name / "mlruns").as_uri()).search_runs(["0"])
+        assert [(r.info.run_name, r.info.status, r.data.metrics) for r in runs] == [(name, status, {"loss": 1.0})]
