@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from finetune import stages
+from finetune import stages, trackers
 from finetune.errors import FinetuneError
 from finetune.stages import STAGES
 
@@ -409,6 +409,8 @@ def _build_train(data, source: str) -> TrainConfig:
             args[key] = _convert(value, hints[key])
         except _Invalid as e:
             raise _bad_value(source, f"train.{key}", value, str(e)) from None
+    # A list of trackers (a comma-separated string on the command line), each supported and installed.
+    args["report_to"] = trackers.check_report_to(args.get("report_to"), source) or "none"
     own.args = args
     return own
 

@@ -3,10 +3,11 @@
     RUN_DIR/
       run.json          resolved recipe, package versions, dataset hashes, git commit, world size, status
       metrics.jsonl     one JSON line per log step (loss, learning rate, eval loss, ...)
-      loss_curve.png    train and held-out loss against steps
+      loss_curve.png    train and held-out loss against steps, redrawn while training
       adapter/          the trained adapter (safetensors) and the tokenizer with the inference template
       checkpoints/      checkpoints for train.resume (transformers' format)
       completions.jsonl grpo/rloo: every sampled answer with its rewards
+      tensorboard/ mlruns/ wandb/   the trackers of train.report_to (finetune/trackers.py)
 
 Only the main process writes. Secrets (HF_TOKEN, W&B keys, ...) are redacted from everything written.
 """
@@ -153,11 +154,19 @@ class RunRecord:
 
 
 class RunCallback(TrainerCallback):
-    """Logs metrics as JSON lines, draws the loss curve, and turns SIGINT/SIGTERM into save-and-stop."""
+    """Logs metrics as JSON lines, redraws the loss curve while training, and turns SIGINT/SIGTERM into
+    save-and-stop."""
+
+    # One redraw of loss_curve.png took 0.14 s at 50 logged steps and 0.3 s at 10,000 (2 shared CPU cores; the first
+    # in a process ~0.8 s, importing matplotlib). It is redrawn on a logging step at most every PLOT_EVERY_S seconds,
+    # and so that drawing takes at most PLOT_TIME_SHARE of the time: at most 1% of training time.
+    PLOT_EVERY_S = 30.0
+    PLOT_TIME_SHARE = 0.01
 
     def __init__(self, run_dir: Path, is_main: bool):
         self.run_dir = Path(run_dir)
         self.is_main = is_main
+        self.next_plot = time.time() + self.PLOT_EVERY_S
         self.interrupted: str | None = None
         self.steps_this_process = 0
         self.start_time = time.time()
@@ -213,6 +222,12 @@ class RunCallback(TrainerCallback):
                **logs}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(redact(row)) + "\n")
+        if time.time() >= self.next_plot:
+            started = time.time()
+            plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png")
+            took = time.time() - started
+            self.next_plot = time.time() + max(self.PLOT_EVERY_S, took / self.PLOT_TIME_SHARE if self.PLOT_TIME_SHARE
+                                               else 0.0)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.is_main:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from finetune import distributed, models, scratch, stages
+from finetune import console, distributed, models, scratch, stages, trackers
 from finetune import templates as templates_lib
 from finetune.errors import FinetuneError
 from finetune.files import make_publishable
@@ -44,6 +44,7 @@ from finetune.rundir import (
     package_versions,
     plot_losses,
     read_completed_run,
+    redact,
 )
 
 
@@ -63,7 +64,9 @@ class Built:
 def trl_config(recipe: Recipe, stage):
     """The stage's TRL config: the recipe's `train` keys over our defaults, plus keys the recipe owns elsewhere."""
     dtype = models.resolve_dtype(recipe.model.dtype)
-    args = dict(recipe.train.args)
+    # Redacted, so that no tracker is given a secret (e.g. a token pasted into run_name) to log.
+    args = redact(dict(recipe.train.args))
+    args.setdefault("run_name", run_name(recipe))
     args.setdefault("bf16", dtype == torch.bfloat16)
     args.setdefault("fp16", dtype == torch.float16 and torch.cuda.is_available())
     args.setdefault("use_cpu", not torch.cuda.is_available())
@@ -73,6 +76,11 @@ def trl_config(recipe: Recipe, stage):
                           **stage.config_kwargs(recipe), **args)
     except ValueError as e:  # TRL/transformers' own range and combination checks
         raise FinetuneError(f"{recipe.source}: train: {e}") from None
+
+
+def run_name(recipe: Recipe) -> str:
+    """The trackers' name for the run: train.run_name (secrets redacted), else the run directory's name."""
+    return redact(recipe.train.args.get("run_name")) or Path(recipe.output_dir).resolve().name
 
 
 def build(recipe: Recipe, callbacks=()) -> Built:
@@ -140,6 +148,7 @@ def build(recipe: Recipe, callbacks=()) -> Built:
                 "names of this model (e.g. q_proj, v_proj) or all-linear"
             ) from None
         raise
+    console.use_console_line(trainer, run_callback.tokens_per_second)
     # TRL casts adapters of quantized models to bf16; keep them (and so the optimizer state) as the recipe says.
     # Modules trained in full (modules_to_save: a head, a reward model's score head) compute in the dtype of the
     # hidden states they read.
@@ -191,6 +200,12 @@ def train(recipe: Recipe, callbacks=()) -> Path:
     # exists), since the others may start after rank 0's trainer has made output_dir/checkpoints.
     if int(os.environ.get("RANK", "0")) == 0:
         check_output_dir(run_dir, recipe.train.resume, recipe.overwrite, recipe.source)
+    # The trackers' callbacks read where to log when the trainer is built and when training begins.
+    with trackers.local_trackers(run_dir, trackers.named(recipe.train.args.get("report_to")), run_name(recipe)):
+        return _train(recipe, run_dir, callbacks)
+
+
+def _train(recipe: Recipe, run_dir: Path, callbacks) -> Path:
     built = build(recipe, callbacks)
     trainer, state = built.trainer, built.state
 
