@@ -37,44 +37,45 @@ def main() -> None:
     from finetune.compare import load_prompts
     from finetune.generate import generate, load_for_inference, quiet_libraries
 
-    quiet_libraries()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    loaded = load_for_inference("embedded:smollm2-135m", dtype=args.dtype)
-    prompts = load_prompts("json_extract", "heldout", args.prompts).messages
-    generate(loaded, prompts[:2], max_new_tokens=4, batch_size=2)  # warm-up: first-call allocations
+    with quiet_libraries():
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        loaded = load_for_inference("embedded:smollm2-135m", dtype=args.dtype)
+        prompts = load_prompts("json_extract", "heldout", args.prompts).messages
+        generate(loaded, prompts[:2], max_new_tokens=4, batch_size=2)  # warm-up: first-call allocations
 
-    def timed(batch_size: int) -> tuple[dict, list[dict]]:
-        start = time.perf_counter()
-        if batch_size == 1:
-            outs = [generate(loaded, [p], max_new_tokens=args.max_new_tokens)[0] for p in prompts]
-        else:
-            outs = generate(loaded, prompts, max_new_tokens=args.max_new_tokens, batch_size=batch_size)
-        seconds = time.perf_counter() - start
-        tokens = sum(len(o["token_ids"]) + (1 if o["stopped"] else 0) for o in outs)
-        row = {"batch_size": batch_size, "seconds": round(seconds, 2), "tokens": tokens,
-               "tokens_per_second": round(tokens / seconds, 1), "stopped": sum(o["stopped"] for o in outs)}
-        print(f"batch {batch_size:>2}: {tokens} tokens in {seconds:.1f} s = {row['tokens_per_second']} tokens/s",
-              file=sys.stderr, flush=True)
-        return row, outs
+        def timed(batch_size: int) -> tuple[dict, list[dict]]:
+            start = time.perf_counter()
+            if batch_size == 1:
+                outs = [generate(loaded, [p], max_new_tokens=args.max_new_tokens)[0] for p in prompts]
+            else:
+                outs = generate(loaded, prompts, max_new_tokens=args.max_new_tokens, batch_size=batch_size)
+            seconds = time.perf_counter() - start
+            tokens = sum(len(o["token_ids"]) + (1 if o["stopped"] else 0) for o in outs)
+            row = {"batch_size": batch_size, "seconds": round(seconds, 2), "tokens": tokens,
+                   "tokens_per_second": round(tokens / seconds, 1), "stopped": sum(o["stopped"] for o in outs)}
+            print(f"batch {batch_size:>2}: {tokens} tokens in {seconds:.1f} s = {row['tokens_per_second']} tokens/s",
+                  file=sys.stderr, flush=True)
+            return row, outs
 
-    runs = {bs: timed(bs) for bs in args.batch_sizes}
-    single, single_outs = timed(1)
-    result = {
-        "model": loaded.description,
-        "dtype": loaded.dtype,
-        "threads": torch.get_num_threads(),
-        "prompts": len(prompts),
-        "max_new_tokens": args.max_new_tokens,
-        "decoding": "greedy",
-        "one_at_a_time": single,
-        "batched": [
-            {**row, "speedup": round(row["tokens_per_second"] / single["tokens_per_second"], 2),
-             "same_tokens_as_one_at_a_time": sum(a["token_ids"] == b["token_ids"] for a, b in zip(outs, single_outs))}
-            for row, outs in runs.values()
-        ],
-    }
-    print(json.dumps(result, indent=2))
+        runs = {bs: timed(bs) for bs in args.batch_sizes}
+        single, single_outs = timed(1)
+        result = {
+            "model": loaded.description,
+            "dtype": loaded.dtype,
+            "threads": torch.get_num_threads(),
+            "prompts": len(prompts),
+            "max_new_tokens": args.max_new_tokens,
+            "decoding": "greedy",
+            "one_at_a_time": single,
+            "batched": [
+                {**row, "speedup": round(row["tokens_per_second"] / single["tokens_per_second"], 2),
+                 "same_tokens_as_one_at_a_time": sum(a["token_ids"] == b["token_ids"]
+                                                     for a, b in zip(outs, single_outs))}
+                for row, outs in runs.values()
+            ],
+        }
+        print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -104,11 +104,18 @@ def _lines(interactive: bool):
 
 
 def run(args) -> None:
+    """The verb, with library chatter quieted and put back as it was on return."""
+    from finetune.generate import quiet_libraries
+
+    with quiet_libraries():
+        _run(args)
+
+
+def _run(args) -> None:
     from transformers import TextStreamer
 
-    from finetune.generate import apply_threads, check_decoding, load_for_inference, quiet_libraries
+    from finetune.generate import apply_threads, check_decoding, load_for_inference
 
-    quiet_libraries()
     apply_threads(args)
     check_decoding(**decoding_settings(args))
     interactive = sys.stdin.isatty()

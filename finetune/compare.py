@@ -270,8 +270,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> dict:
+    """The verb, with library chatter quieted and put back as it was on return."""
+    from finetune.generate import quiet_libraries
+
+    with quiet_libraries():
+        return _run(args)
+
+
+def _run(args) -> dict:
     from finetune.files import write_json
-    from finetune.generate import apply_threads, check_decoding, check_spec, quiet_libraries, settings_for_report
+    from finetune.generate import apply_threads, check_decoding, check_spec, settings_for_report
     from finetune.report import format_table, write_report
 
     models = parse_pairs(args.model, "--model", "base=embedded:smollm2-135m")
@@ -295,7 +303,6 @@ def run(args) -> dict:
         from finetune.rewards import check_source
 
         check_source(args.reward_model)  # a missing or unfinished run, or a causal LM, fails now, not after generation
-    quiet_libraries()
     apply_threads(args)
     log(f"{len(prompts.items)} prompts from {prompts.source}" + (f" (split {prompts.split})" if prompts.split else ""))
 

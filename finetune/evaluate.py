@@ -68,12 +68,19 @@ def evaluate(model: str, data: str, split: str | None = None, max_prompts: int |
 
 
 def run(args) -> None:
+    """The verb, with library chatter quieted and put back as it was on return."""
+    from finetune.generate import quiet_libraries
+
+    with quiet_libraries():
+        _run(args)
+
+
+def _run(args) -> None:
     from finetune.files import write_json
-    from finetune.generate import apply_threads, quiet_libraries
+    from finetune.generate import apply_threads
 
     if args.max_prompts is not None and args.max_prompts < 1:
         raise FinetuneError(f"--max-prompts must be at least 1, got {args.max_prompts}")
-    quiet_libraries()
     apply_threads(args)
     result = evaluate(args.model, args.data, args.split, args.max_prompts, decoding_settings(args), args.dtype,
                       args.prompt_style, args.adherence_regex)

@@ -23,6 +23,7 @@ the batch shape); in fp32 they agree. Sampling is seeded, so the same command re
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import time
@@ -493,17 +494,32 @@ def settings_for_report(settings: dict) -> dict:
     return {k: v for k, v in settings.items() if k not in ignored}
 
 
-def quiet_libraries() -> None:
+@contextlib.contextmanager
+def quiet_libraries():
     """Keep the terminal for answers and results: no weight-loading progress bars, no library chatter
-    (bitsandbytes' optional-kernel notice, deprecation warnings raised inside transformers/peft)."""
+    (bitsandbytes' optional-kernel notice, deprecation warnings raised inside transformers/peft). Everything it
+    changes (and torch's thread count) is put back on leaving, so a later `finetune.train` in the same process
+    still shows its progress bar."""
     import logging
     import warnings
 
+    import torch
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
-    # At inference a 4-bit layer runs without autograd on purpose; the warning matters only when training.
-    warnings.filterwarnings("ignore", message=r".*autograd kernel was not registered.*")
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    bnb = logging.getLogger("bitsandbytes")
+    bnb_level, threads = bnb.level, torch.get_num_threads()
+    with warnings.catch_warnings():
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        bnb.setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
+        # At inference a 4-bit layer runs without autograd on purpose; the warning matters only when training.
+        warnings.filterwarnings("ignore", message=r".*autograd kernel was not registered.*")
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+            bnb.setLevel(bnb_level)
+            torch.set_num_threads(threads)

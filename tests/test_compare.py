@@ -125,10 +125,16 @@ def test_compare_end_to_end_writes_escaped_reports(tiny_llama, tiny_run, tmp_pat
         {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there!"}]},
     ])
     out = tmp_path / "report"
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    threads = torch.get_num_threads()
     code = cli.main(["compare", "--model", f"base={tiny_llama}", "--model", f"tuned={tiny_run}",
                      "--prompt-style", "base=completion", "--prompts", str(prompts), "--max-new-tokens", "6",
                      "--dtype", "fp32", "--adherence-regex", r"\w+", "--out", str(out)])
     assert code == 0
+    # The quieted library settings are put back: a later train in this process still shows its progress bar.
+    assert hf_logging.is_progress_bar_enabled() and torch.get_num_threads() == threads
     printed = capsys.readouterr().out
     assert "Exact match" in printed and str(out / "report.html") in printed
 
