@@ -6,8 +6,9 @@ For each size, a child process writes that many generated multi-turn conversatio
 user/assistant exchanges, ~90 words each, drawn with Zipf frequencies from 5,000 pseudo-words) to a JSONL
 file, then prepares them as an SFT recipe would with the embedded SmolLM2 tokenizer and template (fresh
 cache, 2% held out for the overlap check). It reports the seconds, rows/s, and peak RSS of the process and
-of its tokenizing workers (ru_maxrss). Memory bounded by the batch, not by the dataset, shows as peak RSS
-that does not grow with the row count. One JSON object goes to stdout.
+of its tokenizing workers (ru_maxrss), and the process's peak anonymous and file-backed (memory-mapped Arrow
+files, which the kernel can drop) resident memory. Memory bounded by the batch, not by the dataset, shows as
+peak anonymous memory that does not grow with the row count. One JSON object goes to stdout.
 """
 
 from __future__ import annotations
@@ -52,6 +53,34 @@ def write_rows(path: Path, rows: int, seed: int = 0) -> None:
             f.write(json.dumps({"messages": messages}) + "\n")
 
 
+class MemorySampler:
+    """Peak anonymous and file-backed resident memory of this process (/proc/self/status, sampled every 0.1 s):
+    ru_maxrss also counts the pages of memory-mapped Arrow files that were read, which the kernel can drop."""
+
+    def __init__(self):
+        import threading
+
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.done.wait(0.1):
+            with open("/proc/self/status") as f:
+                for line in f:
+                    key = line.split(":")[0]
+                    if key in self.peak:
+                        self.peak[key] = max(self.peak[key], int(line.split()[1]) // 1024)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+
+
 def one(rows: int, num_proc: int | None, max_length: int) -> dict:
     from finetune import data, models, templates
     from finetune.recipe import DataConfig, build_section
@@ -67,13 +96,15 @@ def one(rows: int, num_proc: int | None, max_length: int) -> dict:
             "max_length": max_length, "cache_dir": str(tmp / "cache"), "num_proc": num_proc}, "data", "bench")
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         start = time.perf_counter()
-        prepared = data.prepare(cfg, tokenizer, chat)
+        with MemorySampler() as memory:
+            prepared = data.prepare(cfg, tokenizer, chat)
         seconds = time.perf_counter() - start
     return {
         "rows": rows, "num_proc": num_proc or "auto", "seconds": round(seconds, 1),
         "rows_per_second": round(rows / seconds), "train_tokens": prepared.stats["train_tokens"],
         "peak_rss_mib_before_prepare": round(rss_before),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_anonymous_mib": memory.peak["RssAnon"], "peak_file_backed_mib": memory.peak["RssFile"],
         "peak_rss_mib_workers": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
     }
 

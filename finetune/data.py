@@ -45,7 +45,7 @@ ROLES = ("system", "user", "assistant", "tool")
 MESSAGE_EXTRAS = ("tool_calls", "tool_call_id", "name", "reasoning_content")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 # Bumped when tokenization or checks change, so old cache entries are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def datasets_dir() -> Path:
@@ -300,10 +300,7 @@ def to_messages(spec: DatasetSpec, row) -> list[dict] | str:
                 return RowError("empty or non-text 'text'")
             return text
         if fmt == "messages":
-            messages = [{"role": m.get("role"),
-                         "content": "" if m.get("content") is None and m.get("tool_calls") else m.get("content"),
-                         **{k: m[k] for k in MESSAGE_EXTRAS if m.get(k) is not None}} if isinstance(m, dict) else m
-                        for m in (row[_col(spec, "messages")] or [])]
+            messages = _normalised(row[_col(spec, "messages")] or [])
         elif fmt == "sharegpt":
             messages = []
             for turn in row[_col(spec, "conversations")] or []:
@@ -328,13 +325,54 @@ def to_messages(spec: DatasetSpec, row) -> list[dict] | str:
             completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
             if not isinstance(prompt, list) or not isinstance(completion, list):
                 return RowError("prompt/completion is neither text nor a list of messages")
-            messages = prompt + completion
+            messages = _normalised(prompt + completion)
         else:
             return RowError(f"format '{fmt}' holds preference pairs; it is for the dpo/reward stages, not sft")
     except KeyError as e:
         return RowError(f"missing field {e}")
+    except ValueError as e:  # a tool call's arguments given as text that is not JSON
+        return RowError(str(e))
     problem = check_messages(messages)
+    if problem is None and _has_surrogates(messages):
+        problem = "text holds an unpaired UTF-16 surrogate (e.g. an escape like \\ud83d alone); fix the encoding"
     return RowError(problem) if problem else messages
+
+
+def _normalised(messages: list) -> list:
+    """role, content and the tool keys of each message; an assistant turn that only calls tools gets content "",
+    and tool-call arguments given as JSON text are parsed (chat templates expect an object)."""
+    out = []
+    for m in messages:
+        if not isinstance(m, dict):
+            out.append(m)
+            continue
+        message = {"role": m.get("role"),
+                   "content": "" if m.get("content") is None and m.get("tool_calls") else m.get("content"),
+                   **{k: m[k] for k in MESSAGE_EXTRAS if m.get(k) is not None}}
+        if isinstance(message.get("tool_calls"), list):
+            message["tool_calls"] = [_parsed_arguments(call) for call in message["tool_calls"]]
+        out.append(message)
+    return out
+
+
+def _parsed_arguments(call):
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except json.JSONDecodeError as e:
+        name = function.get("name")
+        raise ValueError(f"tool call {name!r} has arguments that are not valid JSON ({e.msg})") from None
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
+def _has_surrogates(messages: list) -> bool:
+    try:
+        json.dumps(messages, ensure_ascii=False).encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
 
 
 def _as_turns(value, role: str, what: str) -> list[dict] | RowError:
@@ -460,20 +498,24 @@ def tokenize(example, tokenizer, chat, max_length: int, assistant_only_loss: boo
         ids = tokenizer(example, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
         labels = list(ids)
     else:
-        problem = _tool_calls_dropped(example, tokenizer, chat.training)
-        if problem:
-            return RowError(problem)
-        if assistant_only_loss:
-            try:
+        try:
+            problem = _tool_calls_dropped(example, tokenizer, chat.training)
+            if problem:
+                return RowError(problem)
+            if assistant_only_loss:
                 ids, mask = templates_lib.masked(tokenizer, chat, example)
-            except templates_lib.NotPrefix as e:
-                return RowError(f"{e}; set data.chat_template to a template with {{% generation %}} markers")
-            labels = [t if m else -100 for t, m in zip(ids, mask)]
-        else:
-            out = tokenizer.apply_chat_template(example, chat_template=chat.training, tokenize=True,
-                                                return_dict=True)
-            ids = list(out["input_ids"])
-            labels = list(ids)
+                labels = [t if m else -100 for t, m in zip(ids, mask)]
+            else:
+                out = tokenizer.apply_chat_template(example, chat_template=chat.training, tokenize=True,
+                                                    return_dict=True)
+                ids = list(out["input_ids"])
+                labels = list(ids)
+        except templates_lib.NotPrefix as e:
+            return RowError(f"{e}; set data.chat_template to a template with {{% generation %}} markers")
+        except FinetuneError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a template refuses a conversation with whatever it raises
+            return RowError(f"the chat template cannot render this conversation ({type(e).__name__}: {e})")
     return {"input_ids": ids[:max_length], "labels": labels[:max_length], "full_length": len(ids)}
 
 
@@ -501,7 +543,7 @@ def prompt_text(example) -> str:
     if isinstance(example, str):
         return example
     last = max(i for i, m in enumerate(example) if m["role"] == "assistant")
-    return "\n".join(m["content"] for m in example[:last])
+    return "\n".join(m["content"] or "" for m in example[:last])
 
 
 def _shingles(text: str, n: int = 5) -> set:
@@ -528,7 +570,7 @@ def find_overlap(train_prompts, eval_prompts: list[str], threshold: float = 0.8)
     """Held-out prompts that also appear in training: exactly (after normalising case and spaces), or
     nearly (Jaccard similarity of character 5-grams >= threshold). Near candidates come from MinHash bands
     (16 bands of 4 hashes: a pair at Jaccard 0.8 is a candidate with probability 0.9998, at 0.9 with
-    probability 1 - 1e-9), and every candidate is checked exactly. The held-out prompts are indexed; the
+    probability 1 - 4e-8), and every candidate is checked exactly. The held-out prompts are indexed; the
     training prompts (any iterable) stream past, so memory follows the held-out set only."""
     import numpy as np
 
@@ -586,9 +628,9 @@ def _spec_for(ref, shape: str, stage: str) -> DatasetSpec:
 
 
 def iter_checked(spec: DatasetSpec, ref, data_cfg, shape: str, reasons: Counter, counts: Counter):
-    """Rows of one recipe dataset entry, read, converted to the stage's row shape and checked, one at a time.
-    Strict mode raises at the first bad row (file and row named); lenient mode counts it in `reasons`.
-    counts["read"] ends as the number of rows read."""
+    """Rows of one recipe dataset entry, read, converted to the stage's row shape and checked, one at a time, as
+    (row number, converted row). Strict mode raises at the first bad row (file and row named); lenient mode counts
+    it in `reasons`. counts["read"] ends as the number of rows read."""
     _, convert, _ = ROW_SHAPES[shape]
     where = spec.files.get(ref.split, spec.hub or spec.source)
     for rowno, row in iter_rows(spec, ref.split, ref.max_rows):
@@ -605,7 +647,7 @@ def iter_checked(spec: DatasetSpec, ref, data_cfg, shape: str, reasons: Counter,
             raise FinetuneError(
                 f"{spec.source}: format text has no assistant turns; set data.assistant_only_loss: false to train on it"
             )
-        yield converted
+        yield rowno, converted
 
 
 def _check_drop_fraction(spec: DatasetSpec, ref, data_cfg, reasons: Counter, rows_read: int) -> None:
@@ -636,7 +678,7 @@ def read_checked(ref, data_cfg, seed: int, shape: str = "conversation", stage: s
     weighted. Returns (rows, reasons for dropped rows, rows read, {file: sha256})."""
     spec = _spec_for(ref, shape, stage)
     reasons, counts = Counter(), Counter()
-    kept = list(iter_checked(spec, ref, data_cfg, shape, reasons, counts))
+    kept = [converted for _, converted in iter_checked(spec, ref, data_cfg, shape, reasons, counts)]
     _check_drop_fraction(spec, ref, data_cfg, reasons, counts["read"])
     order = _weighted_order(ref, len(kept), seed)
     picked = kept if order is None else [kept[i] for i in order]
@@ -685,12 +727,12 @@ def _load_split(ref, tokenizer, templates, data_cfg, seed: int, work: Path):
     reasons, counts, first = Counter(), Counter(), []
 
     def rows():
-        for converted in iter_checked(spec, ref, data_cfg, "conversation", reasons, counts):
+        for rowno, converted in iter_checked(spec, ref, data_cfg, "conversation", reasons, counts):
             if not first:
                 first.append(converted)
-            yield {"example": json.dumps(converted, ensure_ascii=False)}
+            yield {"example": json.dumps(converted, ensure_ascii=False), "row": rowno}
 
-    features = datasets.Features({"example": datasets.Value("string")})
+    features = datasets.Features({"example": datasets.Value("string"), "row": datasets.Value("int64")})
     work.mkdir(parents=True, exist_ok=True)
     try:
         ds = datasets.Dataset.from_generator(rows, features=features, cache_dir=str(work),
@@ -710,11 +752,15 @@ def _load_split(ref, tokenizer, templates, data_cfg, seed: int, work: Path):
                 desc=f"Tokenizing {ref.name}:{ref.split}")
     full_length, trained, problems = (list(ds[c]) for c in ("full_length", "trained", "problem"))
     refused = [i for i, p in enumerate(ds["refused"]) if p]
+    refused_set = set(refused)
+    where = spec.files.get(ref.split, spec.hub or spec.source)
     if refused and data_cfg.strict:
-        start = ds[refused[0]]["prompt"][:60]
-        raise FinetuneError(f"{ref.name}:{ref.split}: the conversation starting {start!r}: {problems[refused[0]]}. "
-                            "Fix it, or set data.strict: false to skip such rows")
-    reasons.update(p for p in problems if p)
+        raise FinetuneError(f"{where}: row {ds[refused[0]]['row']}: {problems[refused[0]]}. Fix the row, or set "
+                            "data.strict: false to skip bad rows")
+    # Rows the template cannot render or mask are malformed rows too; rows whose answer max_length cut away are not.
+    reasons.update(problems[i] for i in refused)
+    _check_drop_fraction(spec, ref, data_cfg, reasons, counts["read"])
+    reasons.update(p for i, p in enumerate(problems) if p and i not in refused_set)
     keep = [i for i, p in enumerate(problems) if not p]
     if len(keep) < len(ds):
         ds = ds.select(keep)
@@ -724,7 +770,6 @@ def _load_split(ref, tokenizer, templates, data_cfg, seed: int, work: Path):
         "dropped": dict(reasons), "tokens": sum(min(full_length[i], data_cfg.max_length) for i in keep),
         "trained_tokens": sum(trained[i] for i in keep),
     }
-    where = spec.files.get(ref.split, spec.hub or spec.source)
     return ds.select_columns(["input_ids", "labels", "prompt"]), stats, {where: split_digest(spec, ref.split)}, \
         (first[0] if first else None)
 
@@ -746,8 +791,9 @@ def prepare(data_cfg, tokenizer, templates, seed: int = 42) -> Prepared:
         files = [spec.files[ref.split]] if ref.split in spec.files else []
         described = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("description", "license")}
         content.append([ref.name, ref.split, ref.weight, ref.max_rows, described,
-                        [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files if Path(f).is_file()]])
-    key_data = [CACHE_VERSION, content, _fingerprint(tokenizer), templates.training, templates.route,
+                        [split_digest(spec, ref.split)] if files and Path(files[0]).is_file() else []])
+    special = [tokenizer.special_tokens_map, tokenizer.bos_token_id, tokenizer.eos_token_id]  # rendered by templates
+    key_data = [CACHE_VERSION, content, _fingerprint(tokenizer), special, templates.training, templates.route,
                 data_cfg.max_length,
                 data_cfg.assistant_only_loss, data_cfg.strict, data_cfg.max_drop_fraction, seed,
                 len(data_cfg.datasets)]

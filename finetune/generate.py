@@ -504,9 +504,11 @@ def quiet_libraries():
     import warnings
 
     import torch
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     from transformers.utils import logging as hf_logging
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hub_bars = not are_progress_bars_disabled()
     bnb = logging.getLogger("bitsandbytes")
     bnb_level, threads = bnb.level, torch.get_num_threads()
     with warnings.catch_warnings():
@@ -521,5 +523,6 @@ def quiet_libraries():
         finally:
             hf_logging.set_verbosity(verbosity)
             (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+            (enable_progress_bars if hub_bars else disable_progress_bars)()  # transformers' switch sets the hub's
             bnb.setLevel(bnb_level)
             torch.set_num_threads(threads)

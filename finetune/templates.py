@@ -82,16 +82,33 @@ def render(template: str, messages, add_generation_prompt=False, **special) -> s
     )
 
 
+# A tool call and its result: a template matched to a family must render these as the family does too (or both
+# refuse them), or the tool calls would be trained in another format than the one that ships.
+TOOL_PROBES = [[
+    {"role": "user", "content": "Weather in Oslo?"},
+    {"role": "assistant", "content": "",
+     "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+    {"role": "tool", "name": "get_weather", "content": "-3 C"},
+    {"role": "assistant", "content": "It is -3 C."},
+]]
+
+
+def _rendered(template: str, msgs, prompt_only: bool, special: dict) -> str | None:
+    try:
+        return render(template, msgs, prompt_only, **special)
+    except Exception:  # noqa: BLE001 - templates raise what they like on conversations they refuse
+        return None
+
+
 def renders_identically(a: str, b: str, special: dict | None = None) -> bool:
-    """Do two templates render every probe conversation (with and without a generation prompt) the same?"""
+    """Do two templates render every probe conversation (with and without a generation prompt) the same? A plain
+    probe either cannot render is a difference; a tool probe both refuse is not."""
     special = special or {"bos_token": "<s>", "eos_token": "</s>"}
-    for conv in PROBE_CONVERSATIONS:
+    for conv in PROBE_CONVERSATIONS + TOOL_PROBES:
         for prompt_only in (False, True):
             msgs = conv[:-1] if prompt_only else conv
-            try:
-                if render(a, msgs, prompt_only, **special) != render(b, msgs, prompt_only, **special):
-                    return False
-            except Exception:  # a template that cannot render a probe is not the same template
+            first, second = _rendered(a, msgs, prompt_only, special), _rendered(b, msgs, prompt_only, special)
+            if first != second or (first is None and conv in PROBE_CONVERSATIONS):
                 return False
     return True
 
@@ -178,7 +195,12 @@ def assistant_spans(tokenizer, template: str, messages) -> tuple[str, list[tuple
             continue
         before = _render_text(tokenizer, template, messages[:i], True)
         through = _render_text(tokenizer, template, messages[: i + 1], False) if i + 1 < len(messages) else full
-        if not (through.startswith(before) and full.startswith(through)):
+        if not through.startswith(before):
+            raise NotPrefix(
+                f"the chat template's generation prompt before message {i} (assistant) is not how it renders that "
+                "turn's start (e.g. it opens a think block the rendered turn lacks)"
+            )
+        if not full.startswith(through):
             raise NotPrefix(
                 f"the chat template renders message {i} (assistant) differently once the conversation goes on "
                 "(its renderings of the conversation's prefixes are not prefixes of each other)"
@@ -194,18 +216,15 @@ def assistant_spans(tokenizer, template: str, messages) -> tuple[str, list[tuple
 
 
 def prefix_masked(tokenizer, template: str, messages) -> tuple[list[int], list[int]]:
-    """Token ids and assistant mask by the prefix route: the rendered text is tokenized piece by piece (prompt
-    pieces, then each assistant turn), as generation sees a prompt and then the answer's tokens."""
+    """Token ids and assistant mask by the prefix route: the rendered conversation tokenized as one text (as TRL
+    does with markers), a token trained when it starts inside an assistant turn's span."""
     full, spans = assistant_spans(tokenizer, template, messages)
-    ids, mask, at = [], [], 0
-    for start, end in [*spans, (len(full), len(full))]:
-        for text, trained in ((full[at:start], 0), (full[start:end], 1)):
-            if text:
-                piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-                ids += piece
-                mask += [trained] * len(piece)
-        at = end
-    return ids, mask
+    if not tokenizer.is_fast:
+        raise FinetuneError("the prefix route needs a fast tokenizer (its character offsets); set data.chat_template "
+                            "to a template with {% generation %} markers")
+    out = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(a <= start < b for a, b in spans)) for start, _ in out["offset_mapping"]]
+    return list(out["input_ids"]), mask
 
 
 def _check_prefix_route(tokenizer, template: str, what: str) -> None:
@@ -221,7 +240,8 @@ def _check_prefix_route(tokenizer, template: str, what: str) -> None:
             "turn and its end-of-turn token, or set data.assistant_only_loss: false"
         ) from None
     except Exception as e:  # the template cannot render plain user/assistant turns at all
-        raise FinetuneError(f"{what} cannot render a plain conversation ({type(e).__name__}: {e}); set "
+        roles = "/".join(m["role"] for m in conversation)
+        raise FinetuneError(f"{what} cannot render a plain {roles} conversation ({type(e).__name__}: {e}); set "
                             "data.chat_template to a family or a .jinja file") from None
 
 

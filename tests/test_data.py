@@ -138,7 +138,7 @@ def test_shipped_skill_set_is_clean(smol_tokenizer, chat, tmp_path):
 
 
 def test_the_overlap_finder_misses_no_pair_a_full_comparison_finds():
-    """The prefix-filtered index against every train/held-out pair compared in full."""
+    """The MinHash-banded index against every train/held-out pair compared in full."""
     import random
 
     rng = random.Random(0)
@@ -182,3 +182,44 @@ def test_a_hub_dataset_revision_is_part_of_its_cache_key(tmp_path):
     other.revision = "fedcba9"
     assert spec.revision == "0123abc"
     assert data_lib.split_digest(spec, "train") != data_lib.split_digest(other, "train")
+
+
+def test_tool_rows_the_template_refuses_are_named_by_row_and_count_as_malformed(tmp_path, smol_tokenizer, chat):
+    """SmolLM2's template renders no tool calls: in strict mode the row is named; leniently it is skipped and
+    counted against max_drop_fraction like any malformed row."""
+    tool_row = {"messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"type": "function",
+                         "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+        {"role": "tool", "content": "-3"}, {"role": "assistant", "content": "Cold."}]}
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 7 + [tool_row] + [GOOD] * 2)
+    with pytest.raises(FinetuneError, match=rf"{path}: row 8: the chat template does not render tool calls"):
+        data_lib.prepare(_cfg(tmp_path, path), smol_tokenizer, chat)
+    with pytest.raises(FinetuneError, match=r"1 of 10 rows are malformed"):
+        data_lib.prepare(_cfg(tmp_path, path, strict=False, max_drop_fraction=0.0), smol_tokenizer, chat)
+    prepared = data_lib.prepare(_cfg(tmp_path, path, strict=False, max_drop_fraction=0.2), smol_tokenizer, chat)
+    assert prepared.stats["train_rows"] == 9
+
+
+def test_tool_call_arguments_given_as_json_text_are_parsed():
+    spec = data_lib.DatasetSpec(format="messages")
+    call = {"type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    row = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                        {"role": "tool", "content": "2"}, {"role": "assistant", "content": "2"}]}
+    messages = data_lib.to_messages(spec, row)
+    assert messages[1]["tool_calls"][0]["function"]["arguments"] == {"a": 1} and messages[1]["content"] == ""
+    bad = json.loads(json.dumps(row))
+    bad["messages"][1]["tool_calls"][0]["function"]["arguments"] = "{a: 1"
+    assert "tool call 'f' has arguments that are not valid JSON" in data_lib.to_messages(spec, bad)
+    lone = {"messages": [{"role": "user", "content": "hi \ud83d"}, {"role": "assistant", "content": "ok"}]}
+    assert "unpaired UTF-16 surrogate" in data_lib.to_messages(spec, lone)
+
+
+def test_the_cache_key_covers_which_token_is_eos(tmp_path, smol_path, chat):
+    from transformers import AutoTokenizer
+
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 3)
+    one = data_lib.prepare(_cfg(tmp_path, path), AutoTokenizer.from_pretrained(smol_path), chat)
+    other = AutoTokenizer.from_pretrained(smol_path, eos_token="<|endoftext|>")
+    assert data_lib.prepare(_cfg(tmp_path, path), other, chat).stats["cache"] != one.stats["cache"]

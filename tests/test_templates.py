@@ -210,7 +210,7 @@ def _family_tokenizer(smol_tokenizer, template: str, tokens=()):
 def _expected(tok, segments, whole=False):
     """Token ids and mask of hand-written (text, trained) segments. whole: the text tokenized in one piece, as TRL
     does with {% generation %} markers (a token is trained when it starts inside a trained segment); else piece by
-    piece, as generation sees a prompt and then its answer."""
+    piece."""
     if whole:
         out = tok("".join(text for text, _ in segments), add_special_tokens=False, return_offsets_mapping=True)
         bounds, at = [], 0
@@ -242,8 +242,9 @@ def test_a_template_no_family_knows_is_masked_by_rendering_prefixes(smol_tokeniz
     tok = _family_tokenizer(smol_tokenizer, INST_TEMPLATE)
     chat = templates.resolve(tok, "auto")
     assert (chat.family, chat.route) == ("model (prefix)", "prefix")
-    want = _expected(tok, [("<|im_start|>[INST] Capital of France? [/INST]", 0), ("Paris.<|im_end|>", 1),
-                           ("[INST] And Italy? [/INST]", 0), ("Rome.<|im_end|>", 1)])
+    want = _expected(tok, whole=True, segments=[("<|im_start|>[INST] Capital of France? [/INST]", 0),
+                                                ("Paris.<|im_end|>", 1), ("[INST] And Italy? [/INST]", 0),
+                                                ("Rome.<|im_end|>", 1)])
     assert templates.masked(tok, chat, TWO_TURNS) == want
     assert templates.end_of_turn_token_id(tok, chat.training) == tok.eos_token_id
 
@@ -344,3 +345,35 @@ def test_the_qwen3_recipe_trains_exports_and_compares_on_a_tiny_model(tmp_path, 
     assert len(rows) == 4
     summary = json.loads((out / "compare.json").read_text())
     assert set(summary["metrics"]) == {"base", "chat"}
+
+
+def test_the_prefix_route_adds_no_space_a_piecewise_tokenization_would(smol_tokenizer):
+    """A tokenizer that prepends a space to every text it tokenizes (SentencePiece-style Metaspace): the prefix
+    route tokenizes the rendered conversation once, so no "▁" appears at the start of each answer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    words = "Capital of France? Paris. And Italy? Rome. [INST] [/INST]".split()
+    backend.train_from_iterator([" ".join(words)] * 20, trainers.BpeTrainer(
+        vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = INST_TEMPLATE
+    chat = templates.resolve(tok, "auto")
+    ids, mask = templates.masked(tok, chat, TWO_TURNS)
+    rendered = "<s>[INST] Capital of France? [/INST]Paris.</s>[INST] And Italy? [/INST]Rome.</s>"
+    assert ids == tok(rendered, add_special_tokens=False)["input_ids"]
+    trained = tok.convert_ids_to_tokens([t for t, m in zip(ids, mask) if m])
+    assert "".join(trained) == "Paris.</s>Rome.</s>"  # no "▁" before an answer: it is not a new word
+
+
+def test_a_family_matched_by_rendering_must_render_tool_calls_alike(smol_tokenizer):
+    """Qwen2.5's template with its tool-call tags renamed renders plain turns like the qwen2_5 family but tool
+    calls differently: it is not matched to the family (whose twin would train the other tags)."""
+    own = templates.load_family("qwen2_5")[0].replace("<tool_call>", "<functioncall>")
+    tok = _family_tokenizer(smol_tokenizer, own)
+    chat = templates.resolve(tok, "auto")
+    assert chat.family != "qwen2_5"
+    assert templates.resolve(_family_tokenizer(smol_tokenizer, templates.load_family("qwen2_5")[0]),
+                             "auto").family == "qwen2_5"
