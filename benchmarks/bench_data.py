@@ -1,14 +1,16 @@
 """Data preparation at scale: rows/s and peak memory of `finetune.data.prepare` on generated chat sets.
 
-    .venv/bin/python benchmarks/bench_data.py [--rows 20000 200000] [--num-proc N] [--max-length 512]
+    .venv/bin/python benchmarks/bench_data.py [--rows 20000 200000] [--heldout 1000] [--num-proc N]
+        [--max-length 512]
 
 For each size, a child process writes that many generated multi-turn conversations (system prompt, two
 user/assistant exchanges, ~90 words each, drawn with Zipf frequencies from 5,000 pseudo-words) to a JSONL
 file, then prepares them as an SFT recipe would with the embedded SmolLM2 tokenizer and template (fresh
-cache, 2% held out for the overlap check). It reports the seconds, rows/s, and peak RSS of the process and
-of its tokenizing workers (ru_maxrss), and the process's peak anonymous and file-backed (memory-mapped Arrow
-files, which the kernel can drop) resident memory. Memory bounded by the batch, not by the dataset, shows as
-peak anonymous memory that does not grow with the row count. One JSON object goes to stdout.
+cache; 1,000 held-out rows for the overlap check, whose index grows with the held-out set, not the training
+set). It reports the seconds, rows/s, and peak RSS of the process and of its tokenizing workers (ru_maxrss),
+and the process's peak anonymous and file-backed (memory-mapped Arrow files, which the kernel can drop)
+resident memory. Memory bounded by the batch, not by the dataset, shows as peak anonymous memory that does not
+grow with the row count. One JSON object goes to stdout.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ class MemorySampler:
         self.thread.join()
 
 
-def one(rows: int, num_proc: int | None, max_length: int) -> dict:
+def one(rows: int, heldout: int, num_proc: int | None, max_length: int) -> dict:
     from finetune import data, models, templates
     from finetune.recipe import DataConfig, build_section
 
@@ -90,7 +92,7 @@ def one(rows: int, num_proc: int | None, max_length: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         tmp = Path(tmp)
         write_rows(tmp / "train.jsonl", rows)
-        write_rows(tmp / "heldout.jsonl", max(10, rows // 50), seed=1)
+        write_rows(tmp / "heldout.jsonl", heldout, seed=1)
         cfg = build_section(DataConfig, {
             "datasets": [str(tmp / "train.jsonl")], "eval_datasets": [str(tmp / "heldout.jsonl")],
             "max_length": max_length, "cache_dir": str(tmp / "cache"), "num_proc": num_proc}, "data", "bench")
@@ -100,7 +102,7 @@ def one(rows: int, num_proc: int | None, max_length: int) -> dict:
             prepared = data.prepare(cfg, tokenizer, chat)
         seconds = time.perf_counter() - start
     return {
-        "rows": rows, "num_proc": num_proc or "auto", "seconds": round(seconds, 1),
+        "rows": rows, "heldout_rows": heldout, "num_proc": num_proc or "auto", "seconds": round(seconds, 1),
         "rows_per_second": round(rows / seconds), "train_tokens": prepared.stats["train_tokens"],
         "peak_rss_mib_before_prepare": round(rss_before),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
@@ -112,16 +114,18 @@ def one(rows: int, num_proc: int | None, max_length: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[20000, 200000])
+    parser.add_argument("--heldout", type=int, default=1000, help="held-out rows (the overlap check indexes them)")
     parser.add_argument("--num-proc", type=int, default=None, help="tokenizing processes (default: data's auto)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(one(args.child, args.num_proc, args.max_length)))
+        print(json.dumps(one(args.child, args.heldout, args.num_proc, args.max_length)))
         return
     results = []
     for rows in args.rows:
-        cmd = [sys.executable, __file__, "--child", str(rows), "--max-length", str(args.max_length)]
+        cmd = [sys.executable, __file__, "--child", str(rows), "--max-length", str(args.max_length),
+               "--heldout", str(args.heldout)]
         if args.num_proc:
             cmd += ["--num-proc", str(args.num_proc)]
         print(f"preparing {rows} rows ...", file=sys.stderr)
