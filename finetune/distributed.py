@@ -63,6 +63,12 @@ def check_launch(recipe) -> None:
             "bitsandbytes cannot store 8-bit weights in the float dtype that sharding needs (4-bit weights it can: "
             "FSDP-QLoRA). Use quantization.bits: 4 or null, or launch without sharding (recipes/accelerate/ddp.yaml)"
         )
+    if kind is not None and not torch.cuda.is_available():
+        raise FinetuneError(
+            f"{recipe.source}: accelerate launched this run with {'FSDP' if kind == 'fsdp' else 'DeepSpeed'} on a "
+            "machine without CUDA: they shard over GPUs, and on CPU accelerate does not run them as configured. For "
+            "several CPU processes use recipes/accelerate/cpu_ddp.yaml (DDP over gloo)"
+        )
 
 
 def quant_storage(dtype: torch.dtype) -> torch.dtype:

@@ -166,6 +166,14 @@ def test_fsdp_refuses_8_bit_weights_and_fsdp_version_1(tmp_path, capsys, monkeyp
     assert code == 2 and "FSDP version 1; finetune saves the adapter of FSDP2 runs only" in err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_fsdp_on_a_machine_without_cuda_is_refused_naming_the_cpu_config(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    code, err = _train_exit(tmp_path, capsys)
+    assert code == 2 and "FSDP on a machine without CUDA" in err and "recipes/accelerate/cpu_ddp.yaml" in err
+
+
 def test_fsdp_qlora_stores_4_bit_weights_in_the_model_dtype(tiny_llama, monkeypatch):
     """FSDP shards float tensors only: under FSDP the 4-bit weights are packed into bf16 (the model's dtype), as
     the bitsandbytes FSDP-QLoRA guide configures it; without it, into bitsandbytes' default uint8."""
