@@ -627,12 +627,17 @@ def _spec_for(ref, shape: str, stage: str) -> DatasetSpec:
     return spec
 
 
+def _where(spec: DatasetSpec, ref) -> str:
+    """What an error about one recipe dataset entry names: its file, else the hub id, else the dataset YAML."""
+    return spec.files.get(ref.split, spec.hub or spec.source)
+
+
 def iter_checked(spec: DatasetSpec, ref, data_cfg, shape: str, reasons: Counter, counts: Counter):
     """Rows of one recipe dataset entry, read, converted to the stage's row shape and checked, one at a time, as
     (row number, converted row). Strict mode raises at the first bad row (file and row named); lenient mode counts
     it in `reasons`. counts["read"] ends as the number of rows read."""
     _, convert, _ = ROW_SHAPES[shape]
-    where = spec.files.get(ref.split, spec.hub or spec.source)
+    where = _where(spec, ref)
     for rowno, row in iter_rows(spec, ref.split, ref.max_rows):
         counts["read"] += 1
         converted = convert(spec, row)
@@ -653,7 +658,7 @@ def iter_checked(spec: DatasetSpec, ref, data_cfg, shape: str, reasons: Counter,
 def _check_drop_fraction(spec: DatasetSpec, ref, data_cfg, reasons: Counter, rows_read: int) -> None:
     dropped = sum(reasons.values())
     if rows_read and dropped / rows_read > data_cfg.max_drop_fraction:
-        where = spec.files.get(ref.split, spec.hub or spec.source)
+        where = _where(spec, ref)
         detail = ", ".join(f"{n} x {r}" for r, n in reasons.most_common())
         raise FinetuneError(
             f"{where}: {dropped} of {rows_read} rows are malformed ({detail}), more than "
@@ -682,7 +687,7 @@ def read_checked(ref, data_cfg, seed: int, shape: str = "conversation", stage: s
     _check_drop_fraction(spec, ref, data_cfg, reasons, counts["read"])
     order = _weighted_order(ref, len(kept), seed)
     picked = kept if order is None else [kept[i] for i in order]
-    where = spec.files.get(ref.split, spec.hub or spec.source)
+    where = _where(spec, ref)
     return picked, reasons, counts["read"], {where: split_digest(spec, ref.split)}
 
 
@@ -753,7 +758,7 @@ def _load_split(ref, tokenizer, templates, data_cfg, seed: int, work: Path):
     full_length, trained, problems = (list(ds[c]) for c in ("full_length", "trained", "problem"))
     refused = [i for i, p in enumerate(ds["refused"]) if p]
     refused_set = set(refused)
-    where = spec.files.get(ref.split, spec.hub or spec.source)
+    where = _where(spec, ref)
     if refused and data_cfg.strict:
         raise FinetuneError(f"{where}: row {ds[refused[0]]['row']}: {problems[refused[0]]}. Fix the row, or set "
                             "data.strict: false to skip bad rows")
