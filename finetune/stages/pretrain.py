@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from finetune import data as data_lib
+from finetune import fastpath
 from finetune.errors import FinetuneError
 from finetune.stages import runner
 
@@ -167,7 +168,22 @@ def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, reci
         model = get_peft_model(model, peft_config)
     # A cache in training mode hides the packed pieces from the attention mask (ENVIRONMENT.md); on again at save.
     model.config.use_cache = False
-    trainer = Trainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
+
+    class PretrainTrainer(Trainer):
+        """transformers' Trainer whose loss attends within each packed piece only and takes logits only where a
+        label is (finetune/fastpath.py); train.fast_path: false gives the model's own loss over the whole row."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs or not recipe.train.fast_path or not fastpath.usable(self.model):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, _ = fastpath.supervised_nll(model, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as Trainer.compute_loss
+            return loss
+
+    if recipe.train.fast_path:
+        fastpath.install_attention()
+    trainer = PretrainTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
                       data_collator=PackedCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                       callbacks=callbacks)
     # The matmul rate MFU is measured against, before training and again after it (throughput below): shared cores

@@ -11,6 +11,7 @@ Held-out figure: the loss on the held-out conversations, before and after.
 from __future__ import annotations
 
 from finetune import data as data_lib
+from finetune import fastpath, models
 from finetune.stages import runner
 
 CONFIG = "SFTConfig"
@@ -35,8 +36,37 @@ def prepare(recipe, tokenizer, chat, seed):
 def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, recipe):
     from trl import SFTTrainer
 
-    return SFTTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
-                      processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    class Trainer(SFTTrainer):
+        """TRL's SFTTrainer whose loss is taken only where labels are (finetune/fastpath.py): logits at trained
+        positions, attention within each packed document, LoRA in the base's dtype. Anything the fast loss does not
+        cover (label smoothing, DFT, a custom loss, MoE router loss, soft-capped logits) is TRL's own path."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if (return_outputs or not recipe.train.fast_path or not fastpath.usable(self.model)
+                    or self.label_smoother is not None or self.compute_loss_func is not None
+                    or self.args.loss_type != "nll" or self.aux_loss_enabled):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            with fastpath.lora_autocast(self.model, compute_dtype, self.args.device.type):
+                loss, _ = fastpath.supervised_nll(model, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as TRL: DDP averages
+            # TRL's count of input tokens (its tokens/s and num_tokens); entropy and accuracy are not computed.
+            if self.model.training:
+                if "attention_mask" in inputs:
+                    seen = inputs["attention_mask"].sum()
+                else:
+                    seen = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+                self._total_train_tokens += self.accelerator.gather_for_metrics(seen).sum().item() // self._tp_size
+            self._metrics["train" if self.model.training else "eval"]["num_tokens"] = [self._total_train_tokens]
+            return loss
+
+    import torch
+
+    compute_dtype = models.resolve_dtype(recipe.model.dtype)
+    if recipe.train.fast_path:
+        fastpath.install_attention()
+    return Trainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
+                   processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
 
 
 held_out = runner.eval_loss

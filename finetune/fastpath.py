@@ -1,0 +1,210 @@
+"""The fast training step: what a causal-LM step computes that it does not need to, it skips.
+
+Measured on SmolLM2-135M with LoRA on a 2-core AVX512-BF16 CPU (benchmarks/ and `finetune bench`), a step of TRL's
+defaults spends its time on: LoRA dropout masks (random numbers for every LoRA input: ~27% of the step at 0.05;
+our recipes use 0), attention over whole packed rows (the CPU flash kernel with a block-diagonal mask, ~35%),
+the LM head in fp32 over every position, and fp32 copies of every LoRA input. This module removes the last three,
+without changing what is computed for the tokens that are trained:
+
+1. Logits only where the loss is taken: `supervised_nll` asks the model for logits at the positions whose next token
+   is trained (transformers' `logits_to_keep`), in the model's dtype, and takes the cross-entropy in fp32 in chunks
+   (each chunk recomputed in backward), so no [tokens x vocabulary] fp32 tensor exists.
+2. Attention within each packed document: a packed row (padding-free SFT, pretraining) holds several documents whose
+   position ids restart at 0. `packed_sdpa` lays them out one per row, right-padded, and attends causally there: the
+   cost is about the number of documents times the longest one's squared length, not the row's squared length. It
+   is used where that is under a quarter of the rows' (long packed rows of short documents, as SFT packs them).
+   Right padding under a causal mask leaves every real token's result exact. Batches with an attention mask, and
+   models with soft-capping or sliding windows, use transformers' own sdpa unchanged.
+3. LoRA in the base's dtype: a bf16 base with an fp32 adapter computes its LoRA matmuls under autocast (the adapter
+   and its optimizer state stay fp32) instead of copying every input to fp32 for each LoRA layer.
+
+tests/test_fastpath.py checks that the loss and every gradient match the plain path (TRL's), in fp32 and bf16, for
+packed and padded batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+# Rows of the [positions x vocabulary] logits turned to fp32 at a time in the loss.
+LOSS_CHUNK = 2048
+
+
+# ----------------------------------------------------------------------------- 1. logits only where trained
+
+
+def supervised_nll(model, inputs: dict, num_items_in_batch=None, doc_attention: bool = True):
+    """Summed next-token negative log-likelihood over positions with a label (not -100), divided by
+    `num_items_in_batch` (the Trainer's count of labels in the whole accumulated batch) or by this batch's count.
+    Returns (loss, number of trained positions)."""
+    labels = inputs["labels"]
+    targets = labels[:, 1:]
+    trained = targets != -100
+    keep = trained.any(0).nonzero()[:, 0]  # positions (of the input) whose next token some row trains
+    if keep.numel() == 0:
+        keep = torch.zeros(1, dtype=torch.long, device=labels.device)  # a differentiable zero, not an empty graph
+    forward = {k: v for k, v in inputs.items() if k != "labels" and not k.startswith(("cu_seq_lens", "max_length"))}
+    forward.pop("seq_idx", None)
+    if doc_attention and "attention_mask" not in forward and "position_ids" in forward:
+        layout = doc_layout(forward["position_ids"])
+        documents, longest = layout["doc_index"].shape
+        batch, length = forward["position_ids"].shape
+        if 4 * documents * longest**2 <= batch * length**2:  # pays only where documents are short next to rows
+            forward.update(layout)
+    logits = model(**forward, use_cache=False, logits_to_keep=keep).logits  # [batch, kept, vocab]
+    picked = targets[:, keep]
+    nll = _chunked_nll(logits.reshape(-1, logits.shape[-1]), picked.reshape(-1))
+    count = trained.sum()
+    divisor = count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return nll / divisor, count
+
+
+def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+
+
+def _chunked_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each chunk's fp32 log-softmax is recomputed in backward rather than kept: only the head's output stays."""
+    from torch.utils.checkpoint import checkpoint
+
+    if not torch.is_grad_enabled():
+        return _nll_sum(logits, targets)
+    return sum(checkpoint(_nll_sum, logits[i : i + LOSS_CHUNK], targets[i : i + LOSS_CHUNK], use_reentrant=False)
+               for i in range(0, logits.shape[0], LOSS_CHUNK))
+
+
+# ----------------------------------------------------------------------------- 2. attention within documents
+
+
+def doc_layout(position_ids: torch.Tensor) -> dict:
+    """The documents of packed rows (each starts where its position id is 0, or at a row's start), as an index into
+    the flattened [batch x length] tokens: `doc_index` [documents, longest] (padding repeats the first token) and
+    `doc_valid` [documents, longest]."""
+    batch, length = position_ids.shape
+    starts = position_ids.reshape(-1) == 0
+    starts[::length] = True
+    first = starts.nonzero()[:, 0]
+    lengths = torch.diff(first, append=first.new_tensor([batch * length]))
+    offsets = torch.arange(int(lengths.max()), device=position_ids.device)
+    valid = offsets[None, :] < lengths[:, None]
+    index = torch.where(valid, first[:, None] + offsets[None, :], 0)
+    return {"doc_index": index, "doc_valid": valid}
+
+
+class _ToDocs(torch.autograd.Function):
+    """[heads, tokens, dim] -> [documents, heads, longest, dim]. Padding repeats token 0; it only ever attends to
+    or is attended by padding (right of every real token under the causal mask), so its gradient is zero and the
+    backward is the inverse gather of the real positions."""
+
+    @staticmethod
+    def forward(ctx, x, index, valid):
+        ctx.save_for_backward(valid)
+        return x[:, index].transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (valid,) = ctx.saved_tensors
+        return grad.transpose(0, 1)[:, valid], None, None
+
+
+class _FromDocs(torch.autograd.Function):
+    """[documents, heads, longest, dim] -> [tokens, heads, dim]: the real positions, in token order."""
+
+    @staticmethod
+    def forward(ctx, x, index, valid):
+        ctx.save_for_backward(valid)
+        return x.transpose(1, 2)[valid]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (valid,) = ctx.saved_tensors
+        slot = (torch.cumsum(valid.reshape(-1), 0) - 1).clamp(min=0).reshape(valid.shape)
+        return (grad[slot] * valid[..., None, None]).transpose(1, 2), None, None
+
+
+class _Softmax(torch.autograd.Function):
+    """Softmax computed in fp32, returned (and kept for backward) in the attention's dtype: the fp32 probabilities,
+    the largest tensor of the step, are not kept. The backward computes in fp32 from the kept probabilities."""
+
+    @staticmethod
+    def forward(ctx, scores, dtype):
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+        ctx.save_for_backward(probs)
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad):
+        (probs,) = ctx.saved_tensors
+        p, g = probs.float(), grad.float()
+        return (p * (g - (g * p).sum(-1, keepdim=True))).to(grad.dtype), None
+
+
+def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' sdpa attention, except for packed rows (`doc_index` given by `supervised_nll`): there each
+    document attends only to itself. query [batch, heads, tokens, dim] -> [batch, tokens, heads, dim]."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    index, valid = kwargs.pop("doc_index", None), kwargs.pop("doc_valid", None)
+    if index is None or kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None \
+            or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    batch, heads, tokens, dim = query.shape
+    scale = scaling if scaling is not None else dim**-0.5
+    p_drop = dropout if module.training else 0.0
+    q, k, v = (_ToDocs.apply(t.transpose(0, 1).reshape(t.shape[1], batch * tokens, dim), index, valid)
+               for t in (query, key, value))
+    groups = heads // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if q.is_cuda:  # flash/memory-efficient kernels; exact for right-padded documents under is_causal
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, scale=scale, is_causal=True)
+    else:  # the CPU flash kernel's backward is slow at these sizes; bf16 matmuls with an fp32 softmax are not
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        longest = q.shape[2]
+        causal = torch.ones(longest, longest, dtype=torch.bool, device=q.device).tril()
+        probs = _Softmax.apply(scores.masked_fill(~causal, float("-inf")), q.dtype)
+        out = torch.matmul(F.dropout(probs, p_drop), v)
+    return _FromDocs.apply(out, index, valid).reshape(batch, tokens, heads, dim), None
+
+
+_installed = False
+
+
+def install_attention() -> None:
+    """Route transformers' "sdpa" through `packed_sdpa` (identical unless a forward passes `doc_index`)."""
+    global _installed
+    if not _installed:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register("sdpa", packed_sdpa)
+        _installed = True
+
+
+# ----------------------------------------------------------------------------- 3. LoRA in the base's dtype
+
+
+@contextlib.contextmanager
+def lora_autocast(model, compute_dtype: torch.dtype, device_type: str):
+    """The step's forward under autocast to the base's dtype, with peft's cast of every LoRA input to the adapter's
+    dtype turned off (so no fp32 copy of each activation); the adapter and its optimizer state stay as they are.
+    A no-op for an fp32 base."""
+    if compute_dtype not in (torch.bfloat16, torch.float16):
+        yield
+        return
+    from peft.helpers import disable_input_dtype_casting
+
+    with disable_input_dtype_casting(model), torch.autocast(device_type, dtype=compute_dtype):
+        yield
+
+
+def usable(model) -> bool:
+    """Whether `supervised_nll` computes this model's loss as its own forward would: a causal LM whose logits are
+    the head's output unscaled (no soft-capping, logit scale or router loss)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    plain = all(getattr(config, key, None) in (None, 1.0, 1) for key in
+                ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))
+    return plain and not getattr(config, "output_router_logits", False)

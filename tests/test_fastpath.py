@@ -1,0 +1,190 @@
+"""The fast step (finetune/fastpath.py) learns what the plain step learns: same loss, same gradient for every
+trained tensor, in fp32 and bf16, packed and padded. Tolerances: in fp32, 1e-5 relative to the gradient's norm
+(summation order only). In bf16 both paths round (differently), so each is compared with the fp32 computation of
+the same weights: the fast path's error must be at most twice the plain path's plus 1e-3, loss within 1%."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+
+from finetune import fastpath
+
+
+def _tiny_lora(dtype, kv_heads=2, seed=0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                         initializer_range=0.1, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+    for name, p in model.named_parameters():  # B nonzero, so every LoRA tensor gets a gradient
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+DOCS = (7, 12, 5, 9, 6, 8, 4, 10, 11, 3, 6, 9)  # short documents in a long row: attended one by one
+
+
+def _packed_batch(lengths=DOCS, vocab=300, seed=1):
+    """One padding-free row of documents (position ids restarting at 0), prompt tokens of each masked."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (1, sum(lengths)), generator=g)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    labels = ids.clone()
+    start = 0
+    for n in lengths:
+        labels[0, start : start + n // 2] = -100  # the "prompt" half of each document
+        start += n
+    return {"input_ids": ids, "position_ids": positions, "labels": labels}
+
+
+def _plain(model, inputs):
+    """The plain step: every position's logits, transformers' sdpa over the whole row (a block-diagonal mask built
+    from the position ids), the mean cross-entropy over labelled positions."""
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).logits.float()
+    targets = inputs["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=-100, reduction="sum") / (targets != -100).sum()
+
+
+def _grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _error(grads, truth):
+    return {n: float((grads[n] - truth[n]).norm() / truth[n].norm().clamp(min=1e-12)) for n in truth}
+
+
+def _assert_same(model, inputs, dtype, fast_context=None, per_document=True):
+    fastpath.install_attention()
+    calls = []
+    real = fastpath._FromDocs.apply
+    fastpath._FromDocs.apply = lambda *a: calls.append(1) or real(*a)
+    truth_model = copy.deepcopy(model).float()  # the same weights, computed in fp32 the plain way
+    truth_loss = _plain(truth_model, inputs)
+    truth = _grads(truth_model, truth_loss)
+    plain_loss = _plain(model, inputs)
+    plain = _grads(model, plain_loss)
+    try:
+        with fast_context or contextlib.nullcontext():
+            fast_loss, count = fastpath.supervised_nll(model, inputs)
+    finally:
+        fastpath._FromDocs.apply = real
+    assert len(calls) == (2 if per_document else 0)  # each layer attended per document, or sdpa's whole rows
+    fast = _grads(model, fast_loss)
+    assert int(count) == int((inputs["labels"][:, 1:] != -100).sum())
+    assert fast.keys() == truth.keys() and len(truth) == 2 * 7 * 2  # A and B of 7 modules in 2 layers
+    fast_err, plain_err = _error(fast, truth), _error(plain, truth)
+    if dtype == torch.float32:
+        assert abs(fast_loss.item() - plain_loss.item()) <= 1e-5 * plain_loss.item(), (fast_loss, plain_loss)
+        assert max(_error(fast, plain).values()) <= 1e-5, _error(fast, plain)
+    else:
+        assert abs(fast_loss.item() - truth_loss.item()) <= 1e-2 * truth_loss.item(), (fast_loss, truth_loss)
+        for name in truth:
+            assert fast_err[name] <= 2 * plain_err[name] + 1e-3, (name, fast_err[name], plain_err[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_rows_same_loss_and_gradients(dtype):
+    _assert_same(_tiny_lora(dtype), _packed_batch(), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_rows_same_loss_and_gradients(dtype):
+    """Unpacked rows, right-padded with an attention mask: only the logits are cut down, attention is sdpa's."""
+    batch = _packed_batch(lengths=(14, 14))
+    ids = torch.stack([batch["input_ids"][0, :14], batch["input_ids"][0, 14:]])
+    labels = torch.stack([batch["labels"][0, :14], batch["labels"][0, 14:]])
+    mask = torch.ones_like(ids)
+    mask[1, 10:], labels[1, 10:] = 0, -100  # the second row is 10 tokens, then padding
+    _assert_same(_tiny_lora(dtype), {"input_ids": ids, "attention_mask": mask, "labels": labels}, dtype,
+                 per_document=False)
+
+
+def test_fp32_adapter_on_a_bf16_base_computed_under_autocast():
+    """The recipes' default: bf16 frozen base, fp32 LoRA; the fast step computes LoRA in bf16 under autocast."""
+    model = _tiny_lora(torch.bfloat16)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    _assert_same(model, _packed_batch(), torch.bfloat16, fastpath.lora_autocast(model, torch.bfloat16, "cpu"))
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def test_several_packed_rows_and_multi_query_heads():
+    """Pretraining's shape: a batch of packed rows, documents carried across rows; one key/value head."""
+    a = _packed_batch(lengths=(5, 6, 4, 7, 6, 2, 5, 4, 6, 3), seed=2)
+    b = _packed_batch(lengths=(3, 5, 4, 5, 6, 7, 4, 6, 4, 4), seed=3)
+    inputs = {k: torch.cat([a[k], b[k]]) for k in a}
+    _assert_same(_tiny_lora(torch.float32, kv_heads=1), inputs, torch.float32)
+    long_documents = _packed_batch(lengths=(30, 8))  # 4 x 2 x 30^2 > 38^2: sdpa over the row is cheaper
+    _assert_same(_tiny_lora(torch.float32), long_documents, torch.float32, per_document=False)
+
+
+def test_documents_attend_only_to_themselves():
+    """A document's logits are the same alone as packed behind another one."""
+    fastpath.install_attention()
+    model = _tiny_lora(torch.float32).eval()
+    packed = _packed_batch(lengths=(9, 11))
+    alone = {"input_ids": packed["input_ids"][:, 9:], "position_ids": packed["position_ids"][:, 9:]}
+    with torch.no_grad():
+        layout = fastpath.doc_layout(packed["position_ids"])
+        both = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], **layout).logits[:, 9:]
+        single = model(**alone).logits
+    torch.testing.assert_close(both, single, rtol=1e-5, atol=1e-5)
+
+
+def test_doc_layout_names_each_document():
+    layout = fastpath.doc_layout(torch.tensor([[0, 1, 2, 0, 1], [2, 3, 0, 1, 2]]))  # row 2 continues a document
+    assert layout["doc_index"].tolist() == [[0, 1, 2], [3, 4, 0], [5, 6, 0], [7, 8, 9]]
+    assert layout["doc_valid"].tolist() == [[True, True, True], [True, True, False], [True, True, False],
+                                            [True, True, True]]
+
+
+def test_no_trained_token_gives_a_zero_loss_with_a_gradient():
+    model = _tiny_lora(torch.float32)
+    inputs = _packed_batch()
+    inputs["labels"][:] = -100
+    loss, count = fastpath.supervised_nll(model, inputs)
+    loss.backward()
+    assert loss.item() == 0.0 and int(count) == 0
+
+
+def test_long_losses_are_chunked_exactly(monkeypatch):
+    model = _tiny_lora(torch.float32)
+    inputs = _packed_batch(lengths=(40, 50, 30))
+    whole, _ = fastpath.supervised_nll(model, inputs)
+    monkeypatch.setattr(fastpath, "LOSS_CHUNK", 16)
+    chunked, _ = fastpath.supervised_nll(model, inputs)
+    torch.testing.assert_close(whole, chunked)
+
+
+def test_sft_trainer_fast_loss_matches_trl_loss(tmp_path, tiny_llama, chat_file):
+    """Through the SFT stage's trainer on a real packed batch: the fast loss is TRL's own loss."""
+    from finetune.stages import runner
+    from tests.conftest import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path, tiny_llama, chat_file, data={"packing": True})
+    trainer = runner.build(recipe).trainer
+    batch = next(iter(trainer.get_train_dataloader()))
+    fast = type(trainer).compute_loss(trainer, trainer.model, dict(batch))
+    plain = type(trainer).__mro__[1].compute_loss(trainer, trainer.model, dict(batch))
+    assert "cu_seq_lens_q" in batch  # packed, padding-free
+    assert abs(fast.item() - plain.item()) <= 2e-2 * plain.item(), (fast, plain)
+
+
+def test_bench_names_an_unknown_case(capsys):
+    from finetune.cli import main
+
+    assert main(["bench", "--cases", "sft-lora-json,nope"]) == 2
+    assert "--cases: unknown nope; choose from sft-lora-json, sft-lora-chat" in capsys.readouterr().err
