@@ -6,7 +6,8 @@ Parses the recipe, loads and checks every dataset row, builds the stage's TRL co
 stage the recipe names), and shows the first training example as the trainer will see it: for SFT taken
 from its collated batch, trained tokens marked [[like this]]; for the other stages the first row in the
 stage's shape (a preference pair, an unpaired example, a prompt with its reference). Prints dataset
-statistics (rows, tokens, truncated, dropped, held-out overlap) and exits.
+statistics (rows, tokens, truncated, dropped, held-out overlap) and an estimate of the run's peak memory
+(finetune/memory.py), and exits.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main(recipe: Recipe) -> dict:
     import tempfile
     from pathlib import Path
 
+    from finetune import memory
     from finetune.errors import FinetuneError
     from finetune.rundir import check_output_dir
     from finetune.stages.runner import build
@@ -50,6 +52,11 @@ def main(recipe: Recipe) -> dict:
         output_note = f"warning: train would stop here: {e}"
     with tempfile.TemporaryDirectory(prefix="finetune-validate-") as scratch:
         built = build(dataclasses.replace(recipe, output_dir=scratch))
+        estimate = memory.estimate(built.trainer, recipe, built.prepared)
+        if built.state.is_main_process:
+            print("Peak memory estimate (finetune/memory.py): " + ", ".join(
+                f"{k} {v / 1024:.2f} GiB" for k, v in estimate.items() if k not in ("total", "tokens_per_step"))
+                + f"; total {estimate['total'] / 1024:.2f} GiB at {estimate['tokens_per_step']} tokens per step")
         if recipe.train.stage != "sft":
             return _show_rows(recipe, built, output_note)
         return _show(recipe, built.trainer, built.prepared, built.chat, built.state, output_note)

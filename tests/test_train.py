@@ -131,6 +131,13 @@ def test_run_json_records_what_later_commands_need(tmp_path, tiny_llama, chat_fi
     assert list(run["dataset_hashes"].values())[0] and len(list(run["dataset_hashes"].values())[0]) == 64
     assert run["chat_template"]["family"] == "smollm2"
     assert "git_commit" in run
+    # The memory estimate made before training, its parts, and the measured peak beside it.
+    estimate = run["memory_estimate_mib"]
+    parts = ("now", "gradients_and_optimizer", "activations", "logits")
+    assert estimate["total"] == pytest.approx(sum(estimate[k] for k in parts), abs=0.5)
+    assert estimate["tokens_per_step"] == 2 * 128  # batch 2, packed rows of max_length 128
+    assert run["summary"]["peak_memory_estimate_mib"] == estimate["total"] and run["summary"]["peak_memory_mib"] > 0
+    assert run["recipe"]["train"]["fast_path"] is True
 
 
 def test_overwrite_replaces_only_a_run_and_only_once_the_new_one_has_loaded(tmp_path, tiny_llama, chat_file):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from finetune import console, distributed, models, scratch, stages, trackers
+from finetune import console, distributed, memory, models, scratch, stages, trackers
 from finetune import templates as templates_lib
 from finetune.errors import FinetuneError
 from finetune.files import make_publishable
@@ -59,6 +59,7 @@ class Built:
     state: object
     stage: object  # the stage's module
     init_run: dict | None  # run.json of model.init_from
+    estimate: dict | None = None  # peak memory estimate (finetune/memory.py), made before training
 
 
 def trl_config(recipe: Recipe, stage):
@@ -239,8 +240,11 @@ def _train(recipe: Recipe, run_dir: Path, callbacks) -> Path:
         "world_size": state.num_processes,
         "device": str(trainer.args.device),
     })
-    record.update()
+    built.estimate = estimate = memory.estimate(trainer, recipe, built.prepared)
+    record.update(memory_estimate_mib=estimate)
     _print_data_summary(built.prepared.stats, state.is_main_process)
+    if state.is_main_process:
+        print(f"Memory: peak estimated at {estimate['total'] / 1024:.2f} GiB (finetune/memory.py)", flush=True)
     try:
         summary, processes = _train_and_save(built, recipe, run_dir)
     except BaseException as e:
@@ -314,6 +318,7 @@ def _train_and_save(built: Built, recipe: Recipe, run_dir: Path):
         # Input tokens (TRL's count, all processes) per second, from the first to the last logged step.
         "tokens_per_second": round(rate, 1) if rate else None,
         "peak_memory_mib": _peak_memory_mib(),
+        "peak_memory_estimate_mib": built.estimate["total"] if built.estimate else None,
     }
     if hasattr(stage, "throughput"):
         summary.update(stage.throughput(trainer, rate, prepared))
