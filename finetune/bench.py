@@ -1,8 +1,51 @@
-"""Hardware figures the run summaries are measured against."""
+"""`finetune bench`: plain TRL defaults and this toolkit's default path, side by side in one run.
+
+    finetune bench [--cases sft-lora-json,sft-lora-chat,sft-qlora-json,sft-qlora-chat,pretrain] [--rows N]
+                   [--quick] [--out FILE]
+
+For each case, alternately and each in a fresh process, on the embedded SmolLM2-135M, the same training rows (the
+first --rows of the set, one epoch, so both sides see the same tokens) and the same LoRA rank and targets:
+
+  trl       TRL's SFTTrainer with its defaults (batch 8, max_length 1024, fp32 weights under bf16 autocast, no
+            packing, loss on every token), LoRA r16 alpha 32 dropout 0.05 all-linear, as TRL's documentation shows;
+            QLoRA: the model loaded in nf4 (bf16 compute).
+  trl-bf16  (LoRA cases) the same with the weights loaded in bf16: TRL's defaults with the one change a user
+            would make first.
+  finetune  `finetune train recipes/smollm2-135m/sft_lora.yaml` (or sft_qlora.yaml) on those rows.
+  (pretrain: recipes/tiny/pretrain.yaml with train.fast_path=false ("plain": transformers' own loss) and true.)
+
+Printed per side: non-pad input tokens/s in steady state (from the end of step 2 to the last step; loading and
+warm-up are reported apart as seconds to the end of step 2), peak RSS of the training process, MFU, and the
+held-out loss after training (assistant tokens of the set's held-out split, the same evaluator for both sides).
+MFU: model FLOPs per second over a 2048 x 2048 bf16 matmul timed in this run (the best of before and after the
+cases); model FLOPs = 4 x parameters x tokens for LoRA/QLoRA (forward and input gradients; the base is frozen) and
+6 x parameters x tokens for pretraining, embeddings counted once (they are the tied head's matmul). MFU is each
+side's share of the matmul-only bound. A JSON line per side and a table at the end; --out writes the table.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "datasets_cfg"
+# case -> (dataset, 4-bit, max_length of our recipe, rows by default)
+CASES = {
+    "sft-lora-json": ("json_extract", False, 512, 160),
+    "sft-lora-chat": ("bench_chat", False, 1024, 64),
+    "sft-qlora-json": ("json_extract", True, 512, 160),
+    "sft-qlora-chat": ("bench_chat", True, 1024, 64),
+    "pretrain": ("scratch_corpus", False, 256, 60),  # rows: optimizer steps of 16 x 256 tokens
+}
+QUICK = {"cases": ["sft-lora-json"], "rows": 64}
+SIDES = {"sft-lora": ["trl", "trl-bf16", "finetune"], "sft": ["trl", "finetune"], "pretrain": ["plain", "finetune"]}
 
 
 def matmul_flops(dtype=None, size: int = 2048, seconds: float = 2.0, windows: int = 8) -> float:
@@ -40,3 +83,187 @@ def _sync(device: str) -> None:
         import torch
 
         torch.cuda.synchronize()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cases", default=",".join(c for c in CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--rows", type=int, help="training rows per case (pretrain: steps); default per case")
+    parser.add_argument("--quick", action="store_true", help="one case (LoRA SFT on json_extract), 64 rows: ~3 min")
+    parser.add_argument("--out", help="also write the table (Markdown) to this file")
+
+
+def run(args) -> None:
+    from finetune.errors import FinetuneError
+
+    cases = QUICK["cases"] if args.quick else [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        raise FinetuneError(f"--cases: unknown {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    rows = QUICK["rows"] if args.quick and not args.rows else args.rows
+    peak = matmul_flops()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="finetune-bench-") as work:
+        for case in cases:
+            for side in SIDES[case.split("-")[0] + ("-lora" if "-lora-" in case else "")]:
+                result = _child(["_side", case, side, str(rows or CASES[case][3]), work])
+                results.append(result)
+                print(json.dumps(result), flush=True)
+    peak = max(peak, matmul_flops())
+    table = _table(results, peak)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+
+
+def _child(argv: list[str]) -> dict:
+    """One side in a fresh process: its last stdout line is its JSON result; its own peak RSS is added."""
+    proc = subprocess.Popen([sys.executable, "-m", "finetune.bench", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        from finetune.errors import FinetuneError
+
+        raise FinetuneError(f"bench {' '.join(argv[1:3])} failed:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _table(results: list[dict], peak: float) -> str:
+    lines = [f"bf16 matmul 2048x2048 measured in this run: {peak / 1e12:.2f} TFLOP/s", "",
+             "| case | side | steady tokens/s | x plain | seconds to step 2 | peak RSS (GB) | MFU | held-out loss |",
+             "|---|---|---|---|---|---|---|---|"]
+    base = {}
+    for r in results:
+        base.setdefault(r["case"], r["tokens_per_second"])
+        factor = 4 if r["case"].startswith("sft") else 6
+        mfu = factor * r["parameters"] * r["tokens_per_second"] / peak
+        lines.append(f"| {r['case']} | {r['side']} | {r['tokens_per_second']:.0f} | "
+                     f"{r['tokens_per_second'] / base[r['case']]:.2f} | {r['warmup_seconds']:.0f} | "
+                     f"{r['peak_rss_mib'] / 1024:.2f} | {mfu:.1%} | {r['heldout_loss']:.4f} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- one side (in its own process)
+
+
+def _rows_file(case: str, rows: int, work: Path) -> Path:
+    name = CASES[case][0]
+    path = work / f"{case}-{rows}.jsonl"
+    if not path.exists():
+        with (DATA / "data" / name / "train.jsonl").open() as f:
+            path.write_text("".join(line for _, line in zip(range(rows), f)))
+    return path
+
+
+def _side(case: str, side: str, rows: int, work: str) -> dict:
+    work = Path(work)
+    out = work / f"{case}-{side}"
+    if case == "pretrain":
+        result = _ours(case, ["recipes/tiny/pretrain.yaml", f"train.max_steps={rows}", "train.logging_steps=1",
+                              f"train.fast_path={side == 'finetune'}"], out)
+    elif side.startswith("trl"):
+        result = _trl(case, _rows_file(case, rows, work), out, bf16_weights=side == "trl-bf16")
+    else:
+        recipe = "recipes/smollm2-135m/" + ("sft_qlora.yaml" if CASES[case][1] else "sft_lora.yaml")
+        result = _ours(case, [recipe, f"data.datasets=[{_rows_file(case, rows, work)}]",
+                              f"data.max_length={CASES[case][2]}"], out)
+    return {"case": case, "side": side, "rows": rows, **result}
+
+
+def _ours(case: str, argv: list[str], out: Path) -> dict:
+    cmd = [sys.executable, "-m", "finetune", "train", *argv, "data.eval_datasets=[]", "train.save_steps=100000",
+           f"output_dir={out}", "overwrite=true"]
+    if case == "pretrain":
+        cmd.remove("data.eval_datasets=[]")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-3000:])
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [(r["time_s"], r.get("num_tokens", r.get("num_input_tokens_seen"))) for r in log if "loss" in r]
+    run = json.loads((out / "run.json").read_text())
+    summary = run["summary"]
+    result = {**_steady(steps), "peak_rss_mib": summary["peak_memory_mib"], "steps": summary["steps"]}
+    if case == "pretrain":
+        result.update(parameters=summary["parameters"], heldout_loss=summary["eval_loss_after"])
+    else:
+        result.update(_heldout(out / "adapter", CASES[case][0]))
+    return result
+
+
+def _steady(steps: list[tuple[float, float]]) -> dict:
+    """tokens/s from the end of step 2 to the last step (the first steps build kernels and fill caches)."""
+    (t0, n0), (t1, n1) = steps[1], steps[-1]
+    return {"tokens_per_second": round((n1 - n0) / (t1 - t0), 1), "warmup_seconds": round(t0, 1),
+            "tokens": n1}
+
+
+def _trl(case: str, rows_file: Path, out: Path, bf16_weights: bool = False) -> dict:
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from finetune.models import resolve_model
+
+    start = time.perf_counter()
+    steps = []
+
+    class Clock(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                steps.append((time.perf_counter() - start, logs["num_tokens"]))
+
+    init = {"dtype": torch.bfloat16} if bf16_weights else {}  # TRL's default loads fp32 weights (bf16 autocast)
+    if CASES[case][1]:
+        from transformers import BitsAndBytesConfig
+
+        init["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                         bnb_4bit_use_double_quant=True,
+                                                         bnb_4bit_compute_dtype=torch.bfloat16)
+    args = SFTConfig(output_dir=str(out), num_train_epochs=1, logging_steps=1, save_strategy="no", report_to="none",
+                     use_cpu=not torch.cuda.is_available(), model_init_kwargs=init or None)
+    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                             task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=resolve_model("embedded:smollm2-135m"), args=args,
+                         train_dataset=load_dataset("json", data_files=str(rows_file), split="train"),
+                         peft_config=peft_config, callbacks=[Clock()])
+    trainer.train()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    trainer.save_model(str(out / "adapter"))
+    del trainer
+    return {**_steady(steps), "peak_rss_mib": round(peak, 1), "steps": len(steps),
+            **_heldout(out / "adapter", CASES[case][0])}
+
+
+def _heldout(adapter: Path, dataset: str) -> dict:
+    """Held-out loss of base + adapter: mean NLL per assistant token (end-of-turn included) of the set's held-out
+    conversations, masked by finetune's chat template for the model, in fp32."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from finetune import models, templates
+    from finetune.scratch import parameter_count
+
+    path = models.resolve_model("embedded:smollm2-135m")
+    tokenizer = models.load_tokenizer(path)
+    chat = templates.resolve(tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    parameters = parameter_count(base)
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for line in (DATA / "data" / dataset / "heldout.jsonl").open():
+            ids, mask = templates.masked(tokenizer, chat, json.loads(line)["messages"])
+            ids_t = torch.tensor([ids])
+            logp = torch.log_softmax(model(input_ids=ids_t).logits[0, :-1].float(), -1)
+            target = ids_t[0, 1:]
+            keep = torch.tensor(mask[1:], dtype=torch.bool)
+            nll -= logp[keep].gather(-1, target[keep, None]).sum().item()
+            count += int(keep.sum())
+    return {"heldout_loss": round(nll / count, 5), "heldout_tokens": count, "parameters": parameters}
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "_side":
+        print(json.dumps(_side(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])), flush=True)

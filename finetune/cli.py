@@ -6,6 +6,7 @@
     finetune compare --model base=... --model chat=... --prompts ...   outputs side by side, with metrics
     finetune chat MODEL                       talk to a model in the terminal (or answer piped prompts)
     finetune eval MODEL --data NAME           score one model on a dataset, JSON out
+    finetune bench [--quick]                  plain TRL defaults vs this toolkit's path: tokens/s, memory, loss
 
 Verbs other than train/validate live in modules with `add_arguments(parser)` and `run(args)`; they import
 torch and friends inside `run`, so `finetune --help` stays fast.
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
          "generate with several models on the same prompts; report metrics side by side"),
         ("chat", "finetune.chat", "chat with a model in the terminal (reads piped prompts too)"),
         ("eval", "finetune.evaluate", "score one model on a dataset's prompts; JSON out"),
+        ("bench", "finetune.bench", "training speed, memory and held-out loss: plain TRL vs this toolkit, one run"),
     ]:
         mod = importlib.import_module(module)
         sub = verbs.add_parser(verb, help=help_text, description=(mod.__doc__ or "").strip().split("\n\n")[0])
