@@ -181,7 +181,8 @@ def _ours(case: str, argv: list[str], out: Path) -> dict:
     steps = [(r["time_s"], r.get("num_tokens", r.get("num_input_tokens_seen"))) for r in log if "loss" in r]
     run = json.loads((out / "run.json").read_text())
     summary = run["summary"]
-    result = {**_steady(steps), "peak_rss_mib": summary["peak_memory_mib"], "steps": summary["steps"]}
+    result = {**_steady(steps), "peak_rss_mib": summary["peak_memory_mib"], "steps": summary["steps"],
+              "peak_rss_estimate_mib": summary.get("peak_memory_estimate_mib")}
     if case == "pretrain":
         result.update(parameters=summary["parameters"], heldout_loss=summary["eval_loss_after"])
     else:
