@@ -29,8 +29,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-# Rows of the [positions x vocabulary] logits turned to fp32 at a time in the loss.
-LOSS_CHUNK = 2048
+# Rows of the [positions x vocabulary] logits turned to fp32 at a time in the loss (512 x 49,152 x 4 bytes: 96 MiB).
+LOSS_CHUNK = 512
 
 
 # ----------------------------------------------------------------------------- 1. logits only where trained
@@ -70,8 +70,9 @@ def _chunked_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Each chunk's fp32 log-softmax is recomputed in backward rather than kept: only the head's output stays."""
     from torch.utils.checkpoint import checkpoint
 
-    if not torch.is_grad_enabled():
-        return _nll_sum(logits, targets)
+    if not torch.is_grad_enabled():  # evaluation: chunk by chunk too
+        return sum(_nll_sum(logits[i : i + LOSS_CHUNK], targets[i : i + LOSS_CHUNK])
+                   for i in range(0, logits.shape[0], LOSS_CHUNK))
     return sum(checkpoint(_nll_sum, logits[i : i + LOSS_CHUNK], targets[i : i + LOSS_CHUNK], use_reentrant=False)
                for i in range(0, logits.shape[0], LOSS_CHUNK))
 
