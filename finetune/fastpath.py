@@ -196,10 +196,18 @@ def lora_autocast(model, compute_dtype: torch.dtype, device_type: str):
     if compute_dtype not in (torch.bfloat16, torch.float16):
         yield
         return
-    from peft.helpers import disable_input_dtype_casting
-
-    with disable_input_dtype_casting(model), torch.autocast(device_type, dtype=compute_dtype):
-        yield
+    # peft.helpers.disable_input_dtype_casting does this for every tuner layer, but fails on layers without the flag
+    # (TrainableTokensLayer, peft 0.21); LoRA layers are the ones that cast.
+    layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    before = [getattr(m, "cast_input_dtype_enabled", True) for m in layers]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    try:
+        with torch.autocast(device_type, dtype=compute_dtype):
+            yield
+    finally:
+        for layer, value in zip(layers, before):
+            layer.cast_input_dtype_enabled = value
 
 
 def usable(model) -> bool:
