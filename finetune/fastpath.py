@@ -62,6 +62,15 @@ def supervised_nll(model, inputs: dict, num_items_in_batch=None, doc_attention: 
     return nll / divisor, count
 
 
+def trainer_loss(trainer, model, inputs: dict, num_items_in_batch=None):
+    """`supervised_nll` as a Trainer's compute_loss returns it: with `num_items_in_batch` counting every rank's labels,
+    scaled by the number of processes, since DDP averages the gradients (as Trainer.compute_loss does)."""
+    loss, _ = supervised_nll(model, inputs, num_items_in_batch)
+    if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
+        loss = loss * (trainer.accelerator.num_processes // trainer.get_tp_size())
+    return loss
+
+
 def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
 

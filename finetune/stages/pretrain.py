@@ -176,10 +176,7 @@ def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, reci
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if return_outputs or not recipe.train.fast_path or not fastpath.usable(self.model):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss, _ = fastpath.supervised_nll(model, inputs, num_items_in_batch)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as Trainer.compute_loss
-            return loss
+            return fastpath.trainer_loss(self, model, inputs, num_items_in_batch)
 
     if recipe.train.fast_path:
         fastpath.install_attention()

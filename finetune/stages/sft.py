@@ -47,9 +47,7 @@ def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, reci
                     or self.args.loss_type != "nll" or self.aux_loss_enabled):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             with fastpath.lora_autocast(self.model, compute_dtype, self.args.device.type):
-                loss, _ = fastpath.supervised_nll(model, inputs, num_items_in_batch)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as TRL: DDP averages
+                loss = fastpath.trainer_loss(self, model, inputs, num_items_in_batch)
             # TRL's count of input tokens (its tokens/s and num_tokens); entropy and accuracy are not computed.
             if self.model.training:
                 if "attention_mask" in inputs:
