@@ -106,3 +106,30 @@ def staged_dir(target: str | Path, replace: bool = False):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
+
+
+def process_alive(pid: int, start_ticks: int | None = None) -> bool | None:
+    """Whether process `pid` of this host still runs (and is the same process, when its start time is given):
+    True, False, or None where it cannot be told."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, owned by someone else
+    except OSError:
+        return None
+    if start_ticks is not None:
+        now = process_start_ticks(pid)
+        if now is not None and now != start_ticks:
+            return False  # the pid was reused by another process
+    return True
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When a process started, in clock ticks since boot (Linux /proc), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None

@@ -51,11 +51,12 @@ def load_tokenizer(recipe):
     corpus (cached)."""
     from finetune import models
 
-    if recipe.train.resume:
-        checkpoints = sorted((Path(recipe.output_dir) / "checkpoints").glob("checkpoint-*/tokenizer.json"),
-                             key=lambda p: int(p.parent.name.rpartition("-")[2]))
-        if checkpoints:
-            return models.load_tokenizer(str(checkpoints[-1].parent))
+    if recipe.train.resume is not False:
+        from finetune.checkpoints import resume_target
+
+        checkpoint = resume_target(Path(recipe.output_dir), recipe.train.resume, recipe.source)
+        if (checkpoint / "tokenizer.json").is_file():
+            return models.load_tokenizer(str(checkpoint))
     if recipe.tokenizer.name:
         tokenizer = models.load_tokenizer(models.resolve_model(recipe.tokenizer.name)
                                           if recipe.tokenizer.name.startswith("embedded:") else recipe.tokenizer.name)

@@ -19,21 +19,24 @@ The run directory's layout is described in finetune/rundir.py.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from finetune import console, distributed, memory, models, scratch, stages, trackers
+from finetune import checkpoints, console, distributed, memory, models, scratch, stages, trackers, trust
 from finetune import templates as templates_lib
 from finetune.errors import FinetuneError
-from finetune.files import make_publishable
+from finetune.files import process_start_ticks, staged_dir
+from finetune.nonfinite import NonFiniteGuard
 from finetune.recipe import SCRATCH, Recipe
 from finetune.rundir import (
     RunCallback,
@@ -44,6 +47,7 @@ from finetune.rundir import (
     package_versions,
     plot_losses,
     read_completed_run,
+    read_run,
     redact,
 )
 
@@ -59,6 +63,8 @@ class Built:
     state: object
     stage: object  # the stage's module
     init_run: dict | None  # run.json of model.init_from
+    guard: NonFiniteGuard | None = None
+    resume_from: Path | None = None  # the checkpoint a resumed run continues
     estimate: dict | None = None  # peak memory estimate (finetune/memory.py), made before training
 
 
@@ -77,6 +83,9 @@ def trl_config(recipe: Recipe, stage):
                           **stage.config_kwargs(recipe), **args)
     except ValueError as e:  # TRL/transformers' own range and combination checks
         raise FinetuneError(f"{recipe.source}: train: {e}") from None
+    except (TypeError, ArithmeticError) as e:  # values a check does not expect, e.g. num_generations: 0 or null
+        raise FinetuneError(f"{recipe.source}: train: the stage's TRL config cannot take these values "
+                            f"({type(e).__name__}: {e}); check the train keys against its documentation") from None
 
 
 def run_name(recipe: Recipe) -> str:
@@ -98,12 +107,16 @@ def build(recipe: Recipe, callbacks=()) -> Built:
     # embedded model, or trains a scratch model's tokenizer; the others wait.
     from_scratch = recipe.model.name == SCRATCH
     init_adapter = Path(recipe.model.init_from) / init.get("adapter", "adapter") if init else None
+    if init_adapter is not None:
+        trust.check_adapter_folder(init_adapter, "model.init_from adapter")  # safetensors only, never a pickle
     with state.main_process_first():
         if from_scratch:
             model_path, tokenizer = None, scratch.load_tokenizer(recipe)
         else:
             model_path = models.resolve_model(recipe.model.name)
-            tokenizer = models.load_tokenizer(str(init_adapter or model_path), recipe.model.trust_remote_code)
+            tokenizer = models.load_tokenizer(str(init_adapter or model_path), recipe.model.trust_remote_code,
+                                              None if init_adapter else recipe.model.revision,
+                                              recipe.model.code_revision)
     try:
         chat = templates_lib.resolve(tokenizer, recipe.data.chat_template, recipe.data.assistant_only_loss)
     except FinetuneError as e:
@@ -140,8 +153,11 @@ def build(recipe: Recipe, callbacks=()) -> Built:
     else:
         peft_config = models.lora_config(recipe.adapter, new_token_ids, stage.TASK)
     run_callback = RunCallback(Path(recipe.output_dir), state.is_main_process)
+    # Before the run callback, so that a count of skipped steps reaches metrics.jsonl.
+    guard = NonFiniteGuard(recipe.train.on_nonfinite, recipe.train.max_nonfinite_skips)
     try:
-        trainer = stage.build_trainer(model, args, prepared, tokenizer, peft_config, [run_callback, *callbacks], recipe)
+        trainer = stage.build_trainer(model, args, prepared, tokenizer, peft_config,
+                                      [guard, run_callback, *callbacks], recipe)
     except ValueError as e:
         if "target modules" in str(e).lower() or "not found in the base model" in str(e):
             raise FinetuneError(
@@ -150,6 +166,8 @@ def build(recipe: Recipe, callbacks=()) -> Built:
             ) from None
         raise
     console.use_console_line(trainer, run_callback.tokens_per_second)
+    guard.install(trainer)
+    checkpoints.install(trainer)
     # TRL casts adapters of quantized models to bf16; keep them (and so the optimizer state) as the recipe says.
     # Modules trained in full (modules_to_save: a head, a reward model's score head) compute in the dtype of the
     # hidden states they read.
@@ -167,7 +185,7 @@ def build(recipe: Recipe, callbacks=()) -> Built:
 
         set_peft_model_state_dict(trainer.model, load_file(init_adapter / "adapter_model.safetensors"),
                                   adapter_name="default")
-    return Built(trainer, prepared, chat, run_callback, state, stage, init)
+    return Built(trainer, prepared, chat, run_callback, state, stage, init, guard)
 
 
 def _init_run(recipe: Recipe) -> dict | None:
@@ -210,12 +228,21 @@ def _train(recipe: Recipe, run_dir: Path, callbacks) -> Path:
     built = build(recipe, callbacks)
     trainer, state = built.trainer, built.state
 
+    # --- A resume: the checkpoint it continues, refused if the recipe, data or libraries changed (unless the recipe
+    # says so); later checkpoints set aside, metrics logged after the checkpoint dropped (they are logged again).
+    built.resume_from = _resume_checkpoint(recipe, run_dir, built) if recipe.train.resume is not False else None
+    if built.resume_from:  # every process, before the Trainer unpickles its optimizer, scheduler and RNG states
+        trust.check_checkpoint(built.resume_from, f"{recipe.source}: train.resume")
     # --- The run directory (checked above): replaced (overwrite=true) only now that the recipe, model and data
     # have all loaded, so a failing recipe never costs the previous run.
     if state.is_main_process:
         if recipe.overwrite:
             clear_output_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        if built.resume_from:
+            done = checkpoints.prepare_resume(run_dir, built.resume_from)
+            moved = f"; later checkpoints set aside in checkpoints/{done['aside_dir']}" if done["set_aside"] else ""
+            print(f"Resuming from {built.resume_from.name}{moved}", flush=True)
     state.wait_for_everyone()
     init = built.init_run
     chain = [*(init.get("chain") or [{"stage": init["stage"], "run_dir": recipe.model.init_from}])] if init else []
@@ -226,7 +253,11 @@ def _train(recipe: Recipe, run_dir: Path, callbacks) -> Path:
         "base_model": ({"name": SCRATCH, "path": None, "hub_id": None,
                         "tokenizer": trainer.processing_class.name_or_path} if recipe.model.name == SCRATCH else
                        {"name": recipe.model.name, "path": models.resolve_model(recipe.model.name),
-                        "hub_id": models.hub_id_of(recipe.model.name)}),
+                        "hub_id": models.hub_id_of(recipe.model.name),
+                        # The base's own Python code that ran (trust_remote_code): later loads check it is unchanged.
+                        "code_sha256": trust.check_model_code(models.resolve_model(recipe.model.name), True,
+                                                              recipe.model.revision, recipe.model.code_revision)
+                        if recipe.model.trust_remote_code else None}),
         "init_from": {"run_dir": recipe.model.init_from, "stage": init["stage"],
                       "adapter_sha256": init.get("adapter_sha256")} if init else None,
         # The stages that trained this run's adapter, oldest first: export merges their one adapter into the base.
@@ -239,6 +270,9 @@ def _train(recipe: Recipe, run_dir: Path, callbacks) -> Path:
         "git_commit": git_commit(),
         "world_size": state.num_processes,
         "device": str(trainer.args.device),
+        # Who writes this run: a "running" run whose process is gone reads as interrupted (rundir.read_run).
+        "process": {"pid": os.getpid(), "host": socket.gethostname(), "start_ticks": process_start_ticks(os.getpid())},
+        "resumed_from": built.resume_from.name if built.resume_from else None,
     })
     built.estimate = estimate = memory.estimate(trainer, recipe, built.prepared)
     record.update(memory_estimate_mib=estimate)
@@ -272,7 +306,7 @@ def _train_and_save(built: Built, recipe: Recipe, run_dir: Path):
     # --- Train. SIGINT/SIGTERM save a checkpoint and stop at the end of the current step.
     callback.install_signal_handlers()
     start = time.time()
-    result = trainer.train(resume_from_checkpoint=True if recipe.train.resume else None)
+    result = trainer.train(resume_from_checkpoint=str(built.resume_from) if built.resume_from else None)
     seconds = time.time() - start
     processes = _per_process_counts(trainer, callback)
     if callback.interrupted:
@@ -290,19 +324,27 @@ def _train_and_save(built: Built, recipe: Recipe, run_dir: Path):
     trainer.processing_class.chat_template = built.chat.inference
     if adapter_dir.name == "model":
         _ready_for_generation(trainer.model, trainer.processing_class, built.chat)
-    if trainer.is_fsdp_enabled:  # each process holds a shard of every weight: gather the adapter's, write on rank 0
-        distributed.save_gathered(trainer.model, adapter_dir, state.is_main_process, trainer.processing_class)
-    else:
-        trainer.save_model(str(adapter_dir))
-    if state.is_main_process:
-        # The Trainer pickles its arguments and peft writes a blank model card; run.json holds both instead,
-        # and the adapter folder stays safetensors + JSON only. TRL's frozen copy of an init_from adapter (its
-        # reference model) is saved as ref/: run.json's init_from names that run instead.
-        (adapter_dir / "training_args.bin").unlink(missing_ok=True)
-        (adapter_dir / "README.md").unlink(missing_ok=True)
-        shutil.rmtree(adapter_dir / "ref", ignore_errors=True)
-        distributed.check_weights_saved(adapter_dir, run_dir)  # never "completed" without weights
-        make_publishable(adapter_dir)  # transformers writes model weights through a private (0600) temp file
+    with contextlib.ExitStack() as stack:  # written aside by the main process, published whole by one rename
+        target = stack.enter_context(staged_dir(adapter_dir, replace=True)) if state.is_main_process else adapter_dir
+        try:
+            if trainer.is_fsdp_enabled:  # each process holds a shard of every weight: gather, rank 0 writes
+                distributed.save_gathered(trainer.model, target, state.is_main_process, trainer.processing_class)
+            else:
+                trainer.save_model(str(target))
+        except OSError as e:  # e.g. a full disk: nothing of it is published (staged_dir removes the part written)
+            last = checkpoints.published(run_dir / "checkpoints")
+            kept = f"the last checkpoint, checkpoints/checkpoint-{max(last)[0]}," if last else "no checkpoint"
+            raise FinetuneError(f"saving {adapter_dir} failed ({e}); nothing of it was published, and {kept} is "
+                                "intact. Free space and resume with train.resume=true") from e
+        if state.is_main_process:
+            # The Trainer pickles its arguments and peft writes a blank model card; run.json holds both instead,
+            # and the adapter folder stays safetensors + JSON only. TRL's frozen copy of an init_from adapter (its
+            # reference model) is saved as ref/: run.json's init_from names that run instead.
+            (target / "training_args.bin").unlink(missing_ok=True)
+            (target / "README.md").unlink(missing_ok=True)
+            shutil.rmtree(target / "ref", ignore_errors=True)
+            distributed.check_weights_saved(target, run_dir)  # never "completed" without weights
+    state.wait_for_everyone()
 
     history = [row for row in trainer.state.log_history if "loss" in row]
     rate = callback.tokens_per_second()
@@ -319,10 +361,28 @@ def _train_and_save(built: Built, recipe: Recipe, run_dir: Path):
         "tokens_per_second": round(rate, 1) if rate else None,
         "peak_memory_mib": _peak_memory_mib(),
         "peak_memory_estimate_mib": built.estimate["total"] if built.estimate else None,
+        "nonfinite_skips": built.guard.skips if built.guard else 0,
+        "resumed_from": built.resume_from.name if built.resume_from else None,
     }
     if hasattr(stage, "throughput"):
         summary.update(stage.throughput(trainer, rate, prepared))
     return summary, processes
+
+
+def _resume_checkpoint(recipe: Recipe, run_dir: Path, built: Built) -> Path:
+    """The checkpoint train.resume names, after checking that the recipe, data and libraries are the run's."""
+    checkpoint = checkpoints.resume_target(run_dir, recipe.train.resume, recipe.source)
+    differences = checkpoints.resume_differences(read_run(run_dir), redact(recipe.to_dict()), built.prepared.hashes,
+                                                 package_versions())
+    if differences and not recipe.train.resume_changes:
+        raise FinetuneError(
+            f"{recipe.source}: train.resume: {run_dir} was trained with something else: {'; '.join(differences)}. "
+            "Resume with the run's recipe, data and libraries (run.json), or set train.resume_changes=true if the "
+            "change is intended"
+        )
+    if differences and built.state.is_main_process:
+        print(f"Resuming with changes (train.resume_changes): {'; '.join(differences)}", flush=True)
+    return checkpoint
 
 
 def eval_loss(trainer, prepared) -> dict | None:
