@@ -160,6 +160,58 @@ def test_sigkill_mid_save_then_resume_equals_the_uninterrupted_run(tmp_path, tin
                for k in a)  # the adapter trained on after the checkpoint
 
 
+def _launch(tmp_path: Path, name: str, raw: dict, port: int, kill_step: int | None = None) -> subprocess.Popen:
+    """`accelerate launch` with the 2-process CPU config; kill_step: rank 0 kills itself mid-save (as above)."""
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(raw))
+    script = tmp_path / f"{name}.py"
+    kill = f"""
+real_save = torch.save
+def save(obj, f, *args, **kwargs):
+    real_save(obj, f, *args, **kwargs)
+    if str(f).endswith("checkpoint-{kill_step}/optimizer.pt"):
+        os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save
+""" if kill_step else ""
+    script.write_text(f"""
+import json, os, signal, sys
+sys.path.insert(0, {str(REPO)!r})
+import torch
+from finetune.recipe import recipe_from_dict
+from finetune.stages import runner
+{kill}
+runner.train(recipe_from_dict(json.load(open({str(path)!r})), "recipe.yaml"))
+""")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "recipes/accelerate/cpu_ddp.yaml"), "--main_process_port", str(port), str(script)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_sigkill_mid_save_then_resume_under_two_processes(tmp_path, tiny_llama):
+    """The same under the 2-process CPU accelerate config: each rank's RNG state is in every published checkpoint,
+    and the resumed run ends where the uninterrupted one does."""
+    straight_raw = _raw(tmp_path, tiny_llama, "sft", out="straight", max_steps=4, gradient_accumulation_steps=2)
+    killed_raw = {**straight_raw, "output_dir": str(tmp_path / "killed")}
+    runs = [_launch(tmp_path, "straight", straight_raw, 29541), _launch(tmp_path, "killed", killed_raw, 29542, 4)]
+    (out, err), (_, killed_err) = (p.communicate(timeout=600) for p in runs)
+    assert runs[0].returncode == 0, err[-3000:]
+    assert runs[1].returncode != 0
+    run_dir = tmp_path / "killed"
+    assert _dirs(run_dir / "checkpoints")[1:] == ["checkpoint-2"]
+    assert {"rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"} <= set(
+        _files(run_dir / "checkpoints" / "checkpoint-2"))
+    resumed = _launch(tmp_path, "resumed", {**killed_raw, "train": {**killed_raw["train"], "resume": True}}, 29543)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    straight = tmp_path / "straight"
+    assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2
+    assert _steps_logged(run_dir) == [1, 2, 3, 4]
+    assert {s: v for s, v in _losses(run_dir).items() if s > 2} == {s: v for s, v in _losses(straight).items() if s > 2}
+    a, b = _adapter(straight), _adapter(run_dir)
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
+
+
 def _files(folder: Path) -> frozenset:
     return frozenset(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
