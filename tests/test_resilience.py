@@ -143,7 +143,11 @@ def test_sigkill_mid_save_then_resume_equals_the_uninterrupted_run(tmp_path, tin
     from finetune.rundir import read_run
 
     assert read_run(run_dir)["status"] == "interrupted"
-    assert cli(["export", str(run_dir)]) == 2
+    assert cli(["export", str(run_dir)]) == 2  # export refuses; compare and chat name the status
+    from finetune.generate import load_for_inference
+
+    with pytest.raises(FinetuneError, match=r"has no adapter/ or model/ folder \(run status: interrupted\)"):
+        load_for_inference(str(run_dir))
 
     resumed = runner.train(_recipe(killed_raw, resume=True))
     steps = killed_raw["train"]["max_steps"]
