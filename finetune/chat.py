@@ -119,7 +119,8 @@ def _run(args) -> None:
     apply_threads(args)
     check_decoding(**decoding_settings(args))
     interactive = sys.stdin.isatty()
-    loaded = load_for_inference(args.model, dtype=args.dtype, prompt_style=args.prompt_style)
+    loaded = load_for_inference(args.model, dtype=args.dtype, prompt_style=args.prompt_style,
+                                trust_remote_code=args.trust_remote_code)
     session = ChatSession(loaded, args.system, decoding_settings(args))
     print(f"{loaded.description}\nCommands: {COMMANDS}", flush=True)
     streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)

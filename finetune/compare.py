@@ -197,7 +197,8 @@ def log(message: str) -> None:
 
 
 def score_model(name: str, spec: str, prompts: PromptSet, settings: dict, adherence_regex: str | None,
-                dtype: str = "auto", prompt_style: str | None = None) -> tuple[dict, list[dict], dict]:
+                dtype: str = "auto", prompt_style: str | None = None,
+                trust_remote_code: bool = False) -> tuple[dict, list[dict], dict]:
     """Load one model, answer every prompt, score the answers, free the model.
 
     Returns (model record for reports, outputs, metrics)."""
@@ -205,7 +206,7 @@ def score_model(name: str, spec: str, prompts: PromptSet, settings: dict, adhere
     from finetune.metrics import summarize
 
     log(f"[{name}] loading {spec}")
-    loaded = load_for_inference(spec, dtype=dtype, prompt_style=prompt_style)
+    loaded = load_for_inference(spec, dtype=dtype, prompt_style=prompt_style, trust_remote_code=trust_remote_code)
     log(f"[{name}] {loaded.description}; prompt style {loaded.prompt_style}, {loaded.dtype}, "
         f"loaded in {loaded.info['load_seconds']:.1f} s")
     try:
@@ -310,13 +311,13 @@ def _run(args) -> dict:
     records, outputs, metrics = [], {}, {}
     for name, spec in models.items():
         record, outputs[name], metrics[name] = score_model(name, spec, prompts, settings, regex, args.dtype,
-                                                           styles.get(name))
+                                                           styles.get(name), args.trust_remote_code)
         records.append(record)
     if args.reward_model:
         from finetune import rewards as rewards_lib
         from finetune.metrics import summarize
 
-        reward_model = rewards_lib.load_reward_model(args.reward_model)
+        reward_model = rewards_lib.load_reward_model(args.reward_model, trust_remote_code=args.trust_remote_code)
         for name in models:
             log(f"[{name}] scoring answers with reward model {args.reward_model}")
             rewards = reward_scores(reward_model, prompts.messages, [o["text"] for o in outputs[name]])
@@ -351,12 +352,13 @@ def _run(args) -> dict:
 
 
 def compare(models: dict[str, str], prompts: str, split: str | None = None, max_prompts: int | None = None,
-            out: str | None = None, reward_model: str | None = None, dtype: str = "auto", **decoding) -> dict:
+            out: str | None = None, reward_model: str | None = None, dtype: str = "auto",
+            trust_remote_code: bool = False, **decoding) -> dict:
     """Python API (finetune.compare(...)): {name: spec} models answer the same prompts, as the command does
     (decoding: max_new_tokens=, decoding=, temperature=, top_k=, top_p=, num_beams=, seed=, batch_size=).
     Returns {"out", "metrics" (name -> metric -> value), "models", "report" (the HTML file)}."""
     argv = [a for name, spec in models.items() for a in ("--model", f"{name}={spec}")]
-    argv += ["--prompts", str(prompts), "--dtype", dtype]
+    argv += ["--prompts", str(prompts), "--dtype", dtype, *(["--trust-remote-code"] if trust_remote_code else [])]
     flags = [("--split", split), ("--max-prompts", max_prompts), ("--out", out), ("--reward-model", reward_model),
              *((f"--{key.replace('_', '-')}", value) for key, value in decoding.items())]
     for flag, value in flags:

@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def evaluate(model: str, data: str, split: str | None = None, max_prompts: int | None = None,
              settings: dict | None = None, dtype: str = "auto", prompt_style: str | None = None,
-             adherence_regex: str | None = None) -> dict:
+             adherence_regex: str | None = None, trust_remote_code: bool = False) -> dict:
     """Score one model on a dataset: the dict `finetune eval` prints."""
     from finetune.compare import check_regex, load_prompts, score_model
     from finetune.generate import check_decoding, check_spec, settings_for_report
@@ -54,7 +54,7 @@ def evaluate(model: str, data: str, split: str | None = None, max_prompts: int |
     regex = adherence_regex if adherence_regex is not None else prompts.adherence_regex
     check_regex(regex)
     start = time.time()
-    record, _, metrics = score_model("model", model, prompts, settings, regex, dtype, prompt_style)
+    record, _, metrics = score_model("model", model, prompts, settings, regex, dtype, prompt_style, trust_remote_code)
     return {
         "model": model,
         "description": record["description"],
@@ -83,7 +83,7 @@ def _run(args) -> None:
         raise FinetuneError(f"--max-prompts must be at least 1, got {args.max_prompts}")
     apply_threads(args)
     result = evaluate(args.model, args.data, args.split, args.max_prompts, decoding_settings(args), args.dtype,
-                      args.prompt_style, args.adherence_regex)
+                      args.prompt_style, args.adherence_regex, args.trust_remote_code)
     if args.out:
         write_json(args.out, result)
     print(json.dumps(result, indent=2))

@@ -2,6 +2,7 @@
 
     finetune export RUN_DIR [--out DIR] [--dtype bf16|fp16|fp32] [--shard-size 2GB]
                     [--merge-base dequantized|original] [--adapter-only] [--license ID] [--push OWNER/NAME]
+                    [--trust-remote-code]
 
 The folder loads with plain `transformers` (and so vLLM, TGI, llama.cpp converters): safetensors weights
 (sharded above --shard-size), config.json, generation_config.json whose eos_token_id includes the chat
@@ -86,15 +87,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--push", metavar="OWNER/NAME",
                         help="after a successful export, upload the folder to this Hugging Face Hub model repo "
                              "(created if missing; token from HF_TOKEN or `hf auth login`)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="the run was trained with model.trust_remote_code: run its base model's own Python code "
+                             "(a local base: only while its .py files hash as run.json records)")
 
 
 def export(run_dir, out=None, dtype: str | None = None, shard_size: str = "2GB", merge_base: str = "dequantized",
            adapter_only: bool = False, stop_check: bool = True, license: str | None = None,
-           push: str | None = None) -> dict:
+           push: str | None = None, trust_remote_code: bool = False) -> dict:
     """Python API (finetune.export(...)): export a run as the command does. Returns the export report, with
     "out", the folder written (and "pushed", the repo's URL, with push="owner/name")."""
     return main(Path(run_dir), out=Path(out) if out else None, dtype=dtype, shard_size=shard_size,
-                merge_base=merge_base, adapter_only=adapter_only, stop_check=stop_check, license=license, push=push)
+                merge_base=merge_base, adapter_only=adapter_only, stop_check=stop_check, license=license, push=push,
+                trust_remote_code=trust_remote_code)
 
 
 def run(args) -> None:
@@ -105,28 +110,29 @@ def run(args) -> None:
         raise FinetuneError(f"run directory {run_dir} not found")
     main(run_dir, out=Path(args.out) if args.out else None, dtype=args.dtype, shard_size=args.shard_size,
          merge_base=args.merge_base, adapter_only=args.adapter_only, stop_check=not args.skip_stop_check,
-         license=args.license, push=args.push)
+         license=args.license, push=args.push, trust_remote_code=args.trust_remote_code)
 
 
 def main(run_dir: Path, out: Path | None = None, dtype: str | None = None, shard_size: str = "2GB",
          merge_base: str = "dequantized", adapter_only: bool = False, stop_check: bool = True,
-         license: str | None = None, push: str | None = None, _after_write=None) -> dict:
+         license: str | None = None, push: str | None = None, _after_write=None,
+         trust_remote_code: bool = False) -> dict:
     # Checked before minutes of merging: a push that cannot happen fails now.
     _check_license(license)
     if push:
         _check_push(push)
     result = _export(run_dir, out, dtype, shard_size, merge_base, adapter_only, stop_check,
-                     {"repo": push, "license": license}, _after_write)
+                     {"repo": push, "license": license}, _after_write, trust_remote_code)
     if push:
         result["pushed"] = _push(Path(result["out"]), push)
     return result
 
 
 def _export(run_dir: Path, out: Path | None, dtype: str | None, shard_size: str, merge_base: str, adapter_only: bool,
-            stop_check: bool, hub: dict, _after_write) -> dict:
+            stop_check: bool, hub: dict, _after_write, trust_remote_code: bool = False) -> dict:
     import torch
 
-    from finetune import models, stages
+    from finetune import models, stages, trust
     from finetune.errors import FinetuneError
     from finetune.files import staged_dir, write_json, write_text
     from finetune.rundir import read_run, redact
@@ -137,10 +143,12 @@ def _export(run_dir: Path, out: Path | None, dtype: str | None, shard_size: str,
         raise FinetuneError(
             f"{run_dir}/run.json: status is {run.get('status')!r}; only a completed run can be exported"
         )
+    # A run.json that says trust_remote_code runs its base's code only with --trust-remote-code (finetune/trust.py).
+    trusted = trust.check_run_code(run, run_dir, trust_remote_code)
     if run.get("model"):
         if adapter_only:
             raise FinetuneError(f"{run_dir} trained every weight (no adapter): export it without --adapter-only")
-        return _export_full(run, run_dir, out, dtype, shard_size, stop_check, hub, _after_write, start)
+        return _export_full(run, run_dir, out, dtype, shard_size, stop_check, hub, _after_write, start, trusted)
     adapter_dir = run_dir / "adapter"
     _check_adapter(adapter_dir)
     out = out or run_dir / ("export-adapter" if adapter_only else "export")
@@ -149,7 +157,7 @@ def _export(run_dir: Path, out: Path | None, dtype: str | None, shard_size: str,
     base_path = _base_path(run)
     task = stages.get(run.get("stage", "sft")).TASK
     bits = run["recipe"]["quantization"]["bits"]
-    tokenizer = models.load_tokenizer(str(adapter_dir))
+    tokenizer = models.load_tokenizer(str(adapter_dir), trusted)
     end_of_turn = _end_of_turn(run, tokenizer)
 
     if adapter_only:
@@ -261,7 +269,7 @@ def _export(run_dir: Path, out: Path | None, dtype: str | None, shard_size: str,
 
 
 def _export_full(run: dict, run_dir: Path, out: Path | None, dtype: str | None, shard_size: str, stop_check: bool,
-                 hub: dict, _after_write, start: float) -> dict:
+                 hub: dict, _after_write, start: float, trusted: bool = False) -> dict:
     """A run that trained every weight: its model folder in the export dtype, gated against the trained weights."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -276,7 +284,7 @@ def _export_full(run: dict, run_dir: Path, out: Path | None, dtype: str | None, 
     out = out or run_dir / "export"
     _check_target(out, run_dir)
     _remove_stale_partials(out)
-    tokenizer = models.load_tokenizer(str(model_dir))
+    tokenizer = models.load_tokenizer(str(model_dir), trusted)
     end_of_turn = _end_of_turn(run, tokenizer)
     export_dtype = models.resolve_dtype(dtype or _published_dtype(str(model_dir)))
     conversations = _held_out_conversations(run)
@@ -285,7 +293,11 @@ def _export_full(run: dict, run_dir: Path, out: Path | None, dtype: str | None, 
         raise FinetuneError(f"{run_dir}: no held-out conversations or documents to check the export against")
     measure = (lambda m: _logits(m, tokenizer, conversations)) if conversations else (
         lambda m: _text_logits(m, tokenizer, texts))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).eval()
+    from finetune.trust import check_model_code
+
+    check_model_code(str(model_dir), trusted)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=trusted).eval()
     ref_logits = measure(model)
     model = model.to(export_dtype)
     model.config.dtype = export_dtype
@@ -348,7 +360,9 @@ def _check_adapter(adapter_dir: Path) -> None:
     from safetensors.torch import load_file
 
     from finetune.errors import FinetuneError
+    from finetune.trust import check_adapter_folder
 
+    check_adapter_folder(adapter_dir, "run's adapter")
     weights, config = adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_config.json"
     if not weights.is_file() or not config.is_file():
         raise FinetuneError(f"{adapter_dir}: adapter_model.safetensors or adapter_config.json is missing; "

@@ -1,6 +1,6 @@
 """Loading a model for inference and generating from it: shared by `compare`, `chat` and `eval`.
 
-    load_for_inference(SPEC, dtype="auto", prompt_style=None) -> Loaded
+    load_for_inference(SPEC, dtype="auto", prompt_style=None, trust_remote_code=False) -> Loaded
     generate(loaded, prompts, max_new_tokens=64, decoding="greedy", ...) -> [{"text", "token_ids", "stopped"}]
 
 A model SPEC is one of:
@@ -65,8 +65,10 @@ class Loaded:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_for_inference(spec: str, dtype: str = "auto", prompt_style: str | None = None) -> Loaded:
-    """Load the model a spec names (see the module docstring) for generation."""
+def load_for_inference(spec: str, dtype: str = "auto", prompt_style: str | None = None,
+                       trust_remote_code: bool = False) -> Loaded:
+    """Load the model a spec names (see the module docstring) for generation. A model's own Python code (auto_map)
+    runs only with `trust_remote_code` (--trust-remote-code), and a run's only if its recipe trusted it too."""
     from finetune import models
     from finetune.recipe import ModelConfig
 
@@ -78,15 +80,20 @@ def load_for_inference(spec: str, dtype: str = "auto", prompt_style: str | None 
     kind = check_spec(spec)
     path = Path(spec).expanduser()
     info: dict = {}
+    if kind == "hub" and trust_remote_code:
+        raise FinetuneError(f"{spec}: --trust-remote-code runs a hub model's code only at a pinned commit, which a hub "
+                            f"id here cannot name; download it (hf download {spec} --revision COMMIT --local-dir DIR) "
+                            "and give the folder")
     if kind == "run":
-        model, tokenizer, description, source, info = _load_run(path, dtype)
+        model, tokenizer, description, source, info = _load_run(path, dtype, trust_remote_code)
     elif kind == "adapter":
-        model, tokenizer, description, source, info = _load_adapter_folder(path, dtype)
+        model, tokenizer, description, source, info = _load_adapter_folder(path, dtype, trust_remote_code)
     else:
         source = models.resolve_model(spec)  # embedded -> converted folder; folder checked; else a hub id
         torch_dtype = models.resolve_dtype(dtype)
-        model = models.load_model(ModelConfig(name=source), None, source, dtype=torch_dtype)
-        tokenizer = models.load_tokenizer(source)
+        model = models.load_model(ModelConfig(name=source, trust_remote_code=trust_remote_code), None, source,
+                                  dtype=torch_dtype)
+        tokenizer = models.load_tokenizer(source, trust_remote_code)
         if spec.startswith("embedded:"):
             hub = models.EMBEDDED[spec][2]
             description = f"{hub.split('/')[-1]} (embedded; already instruction-tuned)"
@@ -165,9 +172,9 @@ def _read_json(path: Path) -> dict:
         raise FinetuneError(f"{path}: cannot read it as JSON ({e})") from None
 
 
-def _load_run(run_dir: Path, dtype: str):
+def _load_run(run_dir: Path, dtype: str, trust_remote_code: bool = False):
     """Base + adapter of a run directory, the base loaded as it was trained (quantization included)."""
-    from finetune import models
+    from finetune import models, trust
     from finetune.recipe import ModelConfig, QuantizationConfig, build_section
     from finetune.rundir import read_run
 
@@ -184,6 +191,7 @@ def _load_run(run_dir: Path, dtype: str):
         hint = " (a checkpoint is in checkpoints/; resume the run to finish it)" if status == "interrupted" else ""
         raise FinetuneError(f"run directory {run_dir} has no adapter/ or model/ folder (run status: {status}){hint}")
     recipe = run.get("recipe") or {}
+    trusted = trust.check_run_code(run, run_dir, trust_remote_code)  # a copied run.json cannot switch it on
     source = str(run_dir / "run.json")
     model_cfg = build_section(ModelConfig, recipe.get("model") or {}, "model", source)
     quant_cfg = build_section(QuantizationConfig, recipe.get("quantization") or {}, "quantization", source)
@@ -203,7 +211,8 @@ def _load_run(run_dir: Path, dtype: str):
 
     if (adapter_dir / "config.json").is_file() and not (adapter_dir / "adapter_config.json").is_file():
         # Every weight trained (adapter.type none, stage pretrain): the whole model is there, an HF model folder.
-        model = models.load_model(ModelConfig(attn_implementation=model_cfg.attn_implementation), None,
+        model = models.load_model(ModelConfig(attn_implementation=model_cfg.attn_implementation,
+                                              trust_remote_code=trusted), None,
                                   str(adapter_dir), dtype=torch_dtype or models.resolve_dtype("auto"))
         how = "pretrained from scratch" if base_name == "scratch" else f"base {base_name} fully fine-tuned"
         description = f"{how} in run {run_dir} (stage {stage}, {steps} steps, {_describe_arch(model)})"
@@ -219,7 +228,7 @@ def _load_run(run_dir: Path, dtype: str):
     return model, tokenizer, description, str(run_dir), info
 
 
-def _load_adapter_folder(folder: Path, dtype: str):
+def _load_adapter_folder(folder: Path, dtype: str, trust_remote_code: bool = False):
     """An adapter-only folder (adapter_config.json, no config.json): its base from base_model_name_or_path."""
     from finetune import models
     from finetune.recipe import ModelConfig
@@ -229,9 +238,10 @@ def _load_adapter_folder(folder: Path, dtype: str):
     if not base:
         raise FinetuneError(f"{folder}/adapter_config.json names no base_model_name_or_path; load its run directory")
     base_path = models.resolve_model(base)
-    model = models.load_model(ModelConfig(name=base_path), None, base_path, dtype=models.resolve_dtype(dtype))
+    model = models.load_model(ModelConfig(name=base_path, trust_remote_code=trust_remote_code), None, base_path,
+                              dtype=models.resolve_dtype(dtype))
     tokenizer_src = folder if (folder / "tokenizer_config.json").is_file() else Path(base_path)
-    tokenizer = models.load_tokenizer(str(tokenizer_src))
+    tokenizer = models.load_tokenizer(str(tokenizer_src), trust_remote_code)
     model = _attach_adapter(model, tokenizer, folder)
     description = f"base {base} + LoRA adapter from {folder}"
     return model, tokenizer, description, str(folder), {"kind": "adapter", "base": base}
@@ -240,6 +250,9 @@ def _load_adapter_folder(folder: Path, dtype: str):
 def _attach_adapter(model, tokenizer, adapter_dir: Path):
     from peft import PeftModel
 
+    from finetune.trust import check_adapter_folder
+
+    check_adapter_folder(adapter_dir)  # safetensors only: peft would fall back to adapter_model.bin, a pickle
     # Tokens added for a chat template (a base model without one) were trained through the adapter:
     # the base needs room for them before the adapter is loaded.
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
@@ -437,11 +450,15 @@ def generate(
 
 
 def add_model_arguments(parser) -> None:
-    """--dtype and --threads."""
+    """--dtype, --trust-remote-code and --threads."""
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="weights dtype; auto = bf16 where the hardware has it, else fp32 (a run directory: "
                              "as trained). bf16 batched greedy output can differ slightly from one-at-a-time; "
                              "fp32 does not")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run Python code shipped with a model (its config's auto_map): a local folder's, or a "
+                             "run's whose recipe trusted it (only while the base's .py files hash as run.json "
+                             "records)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads for torch (default: torch's choice); on cores shared with other work, "
                              "1 can be much faster")

@@ -150,8 +150,13 @@ def load_model(model_cfg, quant_cfg=None, path: str | None = None, dtype: torch.
                task: str = "causal_lm"):
     """Load the base model as the recipe says (dtype, attention, 4/8-bit), safetensors only. `task` seq_cls loads
     a sequence classifier with one output (a reward model; its score head starts random)."""
+    from finetune import trust
+
     path = path or resolve_model(model_cfg.name)
     dtype = dtype or resolve_dtype(model_cfg.dtype)
+    code_revision = getattr(model_cfg, "code_revision", None)
+    # A model's own Python code (auto_map) runs only when trusted and pinned (finetune/trust.py).
+    trust.check_model_code(path, model_cfg.trust_remote_code, model_cfg.revision, code_revision)
     kwargs = dict(
         dtype=dtype,
         attn_implementation=model_cfg.attn_implementation,
@@ -160,6 +165,8 @@ def load_model(model_cfg, quant_cfg=None, path: str | None = None, dtype: torch.
     )
     if model_cfg.revision:
         kwargs["revision"] = model_cfg.revision
+    if code_revision:
+        kwargs["code_revision"] = code_revision
     if quant_cfg is not None and quant_cfg.bits:
         compute = dtype if quant_cfg.compute_dtype == "auto" else resolve_dtype(quant_cfg.compute_dtype)
         kwargs["quantization_config"] = bnb_config(quant_cfg.bits, quant_cfg.quant_type, quant_cfg.double_quant,
@@ -176,11 +183,17 @@ def load_model(model_cfg, quant_cfg=None, path: str | None = None, dtype: torch.
     return model
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None,
+                   code_revision: str | None = None):
+    """A tokenizer from a folder or hub id; its own Python code (auto_map) only when trusted and pinned."""
     from transformers import AutoTokenizer
 
+    from finetune import trust
+
+    trust.check_model_code(path, trust_remote_code, revision, code_revision)
+    pinned = {k: v for k, v in (("revision", revision), ("code_revision", code_revision)) if v}
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **pinned)
     except OSError as e:
         raise FinetuneError(f"could not load the tokenizer of '{path}': {e}") from None
 

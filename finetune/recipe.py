@@ -47,12 +47,18 @@ class ModelConfig:
                            "Base model: a local HF folder, a hub id, embedded:smollm2-135m, or scratch (built from "
                            "the `architecture` section, randomly initialised: stage pretrain; a folder named scratch "
                            "is ./scratch).")
-    revision: str | None = field_spec(None, "Hub revision (branch, tag or commit) when `name` is a hub id.")
+    revision: str | None = field_spec(None, "Hub revision (branch, tag or commit) when `name` is a hub id; with "
+                                            "trust_remote_code, a commit hash.")
     dtype: str = field_spec("auto",
                             "Dtype of the frozen base weights; auto = bf16 where the hardware has it, else fp32.",
                             DTYPES)
     attn_implementation: str = field_spec("sdpa", "Attention kernel.", ("sdpa", "eager", "flash_attention_2"))
-    trust_remote_code: bool = field_spec(False, "Run Python code shipped with a hub model. Off unless you trust it.")
+    trust_remote_code: bool = field_spec(False, "Run Python code shipped with the model (its config's auto_map). Off "
+                                                "unless you trust it; a hub model's code then runs only at a pinned "
+                                                "revision and code_revision (finetune/trust.py).")
+    code_revision: str | None = field_spec(None, "With trust_remote_code: the commit hash of the hub repo the model's "
+                                                 "code comes from (its own, or another named in auto_map as "
+                                                 "repo--module).")
     init_from: str | None = field_spec(None, "A completed run directory whose adapter this run continues training "
                                              "(e.g. DPO after SFT); its model (base + adapter) is the frozen reference "
                                              "where the stage has one.")

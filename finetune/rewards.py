@@ -87,14 +87,15 @@ def check_source(spec: str) -> dict | None:
     return None
 
 
-def load_reward_model(spec: str, dtype=None):
+def load_reward_model(spec: str, dtype=None, trust_remote_code: bool = False):
     """A one-output sequence classifier and its tokenizer, from a reward run directory or a model folder.
 
     A run's base is loaded in full precision (not as trained in 4 bits) and its adapter and score head merged,
-    so that the result is a plain PreTrainedModel."""
+    so that the result is a plain PreTrainedModel. A model's own Python code runs only with `trust_remote_code`
+    (and a run's only if its recipe trusted it too: finetune/trust.py)."""
     import torch
 
-    from finetune import models
+    from finetune import models, trust
 
     dtype = dtype or torch.float32
     path = Path(spec).expanduser()
@@ -103,7 +104,9 @@ def load_reward_model(spec: str, dtype=None):
         from peft import PeftModel
 
         adapter_dir = path / run.get("adapter", "adapter")
-        tokenizer = models.load_tokenizer(str(adapter_dir))
+        trusted = trust.check_run_code(run, path, trust_remote_code)
+        trust.check_adapter_folder(adapter_dir, "reward model's adapter")
+        tokenizer = models.load_tokenizer(str(adapter_dir), trusted)
         base = models.load_model(models.model_config(run["recipe"]["model"]), None, run["base_model"]["path"]
                                  if Path(run["base_model"].get("path") or "").is_dir() else None, dtype=dtype,
                                  task="seq_cls")
@@ -112,8 +115,9 @@ def load_reward_model(spec: str, dtype=None):
         model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     else:
         source = models.resolve_model(spec)
-        tokenizer = models.load_tokenizer(source)
-        model = models.load_model(models.model_config({"name": source}), None, source, dtype=dtype, task="seq_cls")
+        tokenizer = models.load_tokenizer(source, trust_remote_code)
+        model = models.load_model(models.model_config({"name": source, "trust_remote_code": trust_remote_code}), None,
+                                  source, dtype=dtype, task="seq_cls")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
