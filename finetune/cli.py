@@ -11,7 +11,8 @@
 Verbs other than train/validate live in modules with `add_arguments(parser)` and `run(args)`; they import
 torch and friends inside `run`, so `finetune --help` stays fast.
 
-A user error prints one line and exits with status 2; `--debug` shows the traceback.
+A user error prints one line and exits with status 2; `--debug` shows the traceback. Secrets (finetune/rundir.py:
+redact) are redacted from everything a verb prints, library logs and progress bars included.
 """
 
 from __future__ import annotations
@@ -43,8 +44,26 @@ def _print_recipe(recipe) -> None:
     import yaml
     from accelerate import PartialState
 
+    from finetune.rundir import redact
+
     if int(os.environ.get("RANK", "0")) == 0 and PartialState().is_main_process:
-        print("Resolved recipe:\n" + yaml.safe_dump(recipe.to_dict(), sort_keys=False), flush=True)
+        print("Resolved recipe:\n" + yaml.safe_dump(redact(recipe.to_dict()), sort_keys=False), flush=True)
+
+
+class RedactingStream:
+    """stdout or stderr with secrets redacted from every write (a secret is written whole by one call: a print,
+    a log record, a progress bar's line)."""
+
+    def __init__(self, stream, redact):
+        self.stream = stream
+        self.redact = redact
+
+    def write(self, text):
+        self.stream.write(self.redact(text) if isinstance(text, str) else text)
+        return len(text)
+
+    def __getattr__(self, name):  # flush, fileno, isatty, encoding, ...: the stream's own
+        return getattr(self.stream, name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Before the verb runs, so that the log handlers the libraries create write through it too.
+    from finetune.rundir import redact
+
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingStream(sys.stdout, redact), RedactingStream(sys.stderr, redact)
     try:
         args.func(args)
         return 0
@@ -106,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"finetune: unexpected {type(e).__name__}: {e}\n(run with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        sys.stdout, sys.stderr = streams
 
 
 if __name__ == "__main__":

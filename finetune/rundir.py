@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -34,6 +35,16 @@ SECRET_ENV = (
     "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN", "COMET_API_KEY", "NEPTUNE_API_TOKEN", "OPENAI_API_KEY",
 )
+# Any other variable whose name says it holds a credential. Its value is redacted when it is long enough to be one
+# and is not a number, a yes/no word or a path (TOKENIZERS_PARALLELISM=false, HF_TOKEN_PATH=/home/me/...): replacing
+# those everywhere would garble the run's own settings and paths.
+SECRET_NAME_PARTS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
+MIN_SECRET_LENGTH = 8
+# Credentials inside URLs, wherever they appear: the user:password@ (or token@) part, and query parameters that
+# carry one (?token=, &api_key=, &X-Amz-Signature=, ...).
+URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^\s/?#@]+)@")
+URL_SECRET_PARAM = re.compile(
+    r"(?i)([?&][\w.\-]*(?:token|key|secret|password|passwd|sig|signature|credential|auth)[\w.\-]*=)([^&#\s\"'<>]+)")
 # Keys whose values are credentials. Exact names, so that e.g. pad_token or added_tokens stay readable.
 SECRET_KEYS = {"token", "hub_token", "hf_token", "access_token", "auth_token", "api_key", "apikey", "password",
                "secret"}
@@ -42,19 +53,49 @@ PACKAGES = ("finetune", "torch", "transformers", "peft", "trl", "accelerate", "d
 
 
 def redact(obj):
-    """Replace secret values: any string holding a secret env var's value, and values of secret-looking keys."""
-    secrets = [os.environ[k] for k in SECRET_ENV if len(os.environ.get(k, "")) >= 4]
+    """Replace secrets: any string holding a secret environment variable's value (SECRET_ENV, or a name that says
+    TOKEN/KEY/SECRET/PASSWORD) or a credential of a URL held in the environment; credentials inside URLs; values of
+    secret-looking keys."""
+    return _redact(obj, secret_values())
+
+
+def _redact(obj, secrets: list[str]):
     if isinstance(obj, dict):
         return {
-            k: ("<redacted>" if _is_secret_key(str(k)) and isinstance(v, str) and v else redact(v))
+            k: ("<redacted>" if _is_secret_key(str(k)) and isinstance(v, str) and v else _redact(v, secrets))
             for k, v in obj.items()
         }
     if isinstance(obj, (list, tuple)):
-        return [redact(v) for v in obj]
+        return [_redact(v, secrets) for v in obj]
     if isinstance(obj, str):
         for s in secrets:
             obj = obj.replace(s, "<redacted>")
+        obj = URL_USERINFO.sub(r"\1<redacted>@", obj)
+        obj = URL_SECRET_PARAM.sub(r"\1<redacted>", obj)
     return obj
+
+
+def secret_values() -> list[str]:
+    """The secrets the environment holds, longest first (so that one inside another goes whole)."""
+    found = set()
+    for name, value in os.environ.items():
+        if name in SECRET_ENV:
+            if len(value) >= 4:
+                found.add(value)
+        elif any(part in name.upper() for part in SECRET_NAME_PARTS) and _could_be_secret(value):
+            found.add(value)
+        for _, userinfo in URL_USERINFO.findall(value):  # e.g. MLFLOW_TRACKING_URI=https://me:PASSWORD@host
+            found.update(p for p in (userinfo, userinfo.partition(":")[2]) if len(p) >= 4)
+        found.update(v for _, v in URL_SECRET_PARAM.findall(value) if len(v) >= 4)
+    return sorted(found, key=len, reverse=True)
+
+
+def _could_be_secret(value: str) -> bool:
+    if len(value) < MIN_SECRET_LENGTH or value.lower() in ("true", "false", "none", "null", "enabled", "disabled"):
+        return False
+    if value.replace(".", "", 1).replace("-", "", 1).isdigit():
+        return False
+    return not (value.startswith(("/", "~", "./", "../")) or os.path.exists(value))
 
 
 def _is_secret_key(key: str) -> bool:
