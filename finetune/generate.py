@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +188,9 @@ def _load_run(run_dir: Path, dtype: str, trust_remote_code: bool = False):
     if not adapter_dir.is_dir() and (run_dir / "model").is_dir():
         adapter_dir = run_dir / "model"
     status = run.get("status", "unknown")
+    if status != "completed":  # e.g. a run killed while training (read_run tells "interrupted" from "running")
+        print(f"warning: run {run_dir} did not complete (status {status}"
+              + (f": {run['error']}" if run.get("error") else "") + ")", file=sys.stderr, flush=True)
     if not adapter_dir.is_dir():
         hint = " (a checkpoint is in checkpoints/; resume the run to finish it)" if status == "interrupted" else ""
         raise FinetuneError(f"run directory {run_dir} has no adapter/ or model/ folder (run status: {status}){hint}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Any
 import yaml
 
 from finetune import stages, trackers
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, shown
 from finetune.stages import STAGES
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -98,7 +99,7 @@ class DatasetRef:
                                "(.jsonl/.json/.csv/.parquet/.txt).")
     split: str = field_spec("train", "Which split of the dataset YAML to read.")
     weight: float = field_spec(1.0, "Mixture weight: keeps round(weight * rows) rows, repeating rows when above 1.",
-                               minimum=0.0)
+                               minimum=0.0, maximum=1000.0)
     max_rows: int | None = field_spec(None, "Read at most this many rows (before weighting).", minimum=1)
 
 
@@ -156,7 +157,15 @@ class TokenizerConfig:
 @dataclass
 class TrainConfig:
     stage: str = field_spec("sft", "Training stage (finetune/stages/).", tuple(STAGES))
-    resume: bool = field_spec(False, "Continue from the last checkpoint in output_dir.")
+    resume: bool | int | str = field_spec(False, "Continue the run in output_dir: true (its last complete checkpoint), "
+                                                 "a checkpoint's step (e.g. 400) or a checkpoint folder's path. "
+                                                 "Checkpoints after the one resumed are moved aside.")
+    resume_changes: bool = field_spec(False, "Resume even though the recipe, data or library versions differ from "
+                                             "the interrupted run's (listed when refused).")
+    on_nonfinite: str = field_spec("stop", "A NaN/inf loss or gradient: stop the run before the optimizer step, or "
+                                           "skip that step (counted in the logs and summary).", ("stop", "skip"))
+    max_nonfinite_skips: int = field_spec(10, "on_nonfinite: skip: stop the run once more steps than this were "
+                                              "skipped.", minimum=0)
     fast_path: bool = field_spec(True, "SFT and pretraining: logits only where the loss is taken, attention within "
                                        "each packed document, LoRA in the base's dtype (finetune/fastpath.py). "
                                        "false: the plain TRL/transformers step.")
@@ -186,7 +195,8 @@ class Recipe:
                                                  "model, weighted.")
     output_dir: str = field_spec("", "Run directory. Refused if it exists, unless train.resume or overwrite.")
     overwrite: bool = field_spec(False, "Replace an existing output_dir.")
-    seed: int = field_spec(42, "Seed for data order, adapter init and training.")
+    seed: int = field_spec(42, "Seed for data order, adapter init and training (numpy's range: 0 to 2**32 - 1).",
+                           minimum=0, maximum=2**32 - 1)
     source: str = field(default="<recipe>", metadata={"internal": True})
 
     def to_dict(self) -> dict:
@@ -240,6 +250,23 @@ class _Invalid(Exception):
     pass
 
 
+# YAML 1.1 (PyYAML) reads these unquoted words as booleans; an enum value spelled as one of them is recovered.
+_YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+_QUOTE_HINT = " (YAML reads an unquoted yes/no/on/off/true/false as a boolean: quote the word, e.g. 'no')"
+
+
+def _checked_text(value: str) -> str:
+    """A string as a setting: no NUL character (no path or name holds one) and no unpaired surrogate (from a
+    \\ud800-style escape: not text that can be written or printed)."""
+    if "\x00" in value:
+        raise _Invalid("holds a NUL character (\\0)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _Invalid(f"holds an unpaired surrogate ({value[e.start]!r}), not text") from None
+    return value
+
+
 def _type_name(tp) -> str:
     if tp is type(None):
         return "null"
@@ -265,12 +292,12 @@ def _convert(value, tp):
             raise _Invalid("null is not allowed")
         # TRL types enum-like fields as `SomeEnum | str`; the str is for the enum's values, so check them.
         enums = [o for o in options if isinstance(o, type) and issubclass(o, enum.Enum)]
-        if enums and isinstance(value, str):
+        if enums and (isinstance(value, str) or (isinstance(value, bool) and bool not in options)):
             return _convert(value, enums[0])
         # Prefer an exact type match (so 5 stays an int in `int | str`), then conversions in order.
         for option in options:
             if isinstance(option, type) and not issubclass(option, enum.Enum) and type(value) is option:
-                return value
+                return _convert(value, option)  # the same value, checked (no NUL in a str, no NaN in a float)
         for option in options:
             if option is type(None):
                 continue
@@ -278,7 +305,8 @@ def _convert(value, tp):
                 return _convert(value, option)
             except _Invalid:
                 continue
-        raise _Invalid(f"expected {' or '.join(_type_name(o) for o in options)}")
+        raise _Invalid(f"expected {' or '.join(_type_name(o) for o in options)}"
+                       + (_QUOTE_HINT if isinstance(value, bool) and str in options else ""))
     if value is None:
         raise _Invalid("null is not allowed")
     if origin in (list, tuple):
@@ -291,12 +319,17 @@ def _convert(value, tp):
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise _Invalid("expected a mapping")
-        return value
+        key_type, value_type = typing.get_args(tp) or (Any, Any)
+        return {_convert(k, key_type): _convert(v, value_type) for k, v in value.items()}
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         allowed = [m.value for m in tp]
-        if value in allowed:
+        if isinstance(value, bool):  # `eval_strategy: no` as TRL's docs write it: YAML 1.1 reads a bare no as false
+            spelled = [a for a in allowed if isinstance(a, str) and a.lower() in _YAML_BOOL_WORDS[value]]
+            value = spelled[0] if len(spelled) == 1 else value
+        if any(type(value) is type(a) and value == a for a in allowed):
             return value
-        raise _Invalid(f"expected one of {', '.join(map(str, allowed))}")
+        raise _Invalid(f"expected one of {', '.join(map(str, allowed))}"
+                       + (_QUOTE_HINT if isinstance(value, bool) else ""))
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -319,20 +352,21 @@ def _convert(value, tp):
     if tp is float:
         if isinstance(value, bool):
             raise _Invalid("expected a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+        if isinstance(value, (int, float, str)):
             try:
-                return float(value)
-            except ValueError:
-                pass
+                number = float(value)
+            except (ValueError, OverflowError):
+                raise _Invalid("expected a number") from None
+            if not math.isfinite(number):  # .nan, .inf, 1e999: no setting means that
+                raise _Invalid("expected a finite number")
+            return number
         raise _Invalid("expected a number")
     if tp is str:
         if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return _checked_text(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return str(value)
-        raise _Invalid("expected a string")
+        raise _Invalid("expected a string" + (_QUOTE_HINT if isinstance(value, bool) else ""))
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         raise _Invalid("expected a mapping")
     return value
@@ -341,17 +375,23 @@ def _convert(value, tp):
 # ----------------------------------------------------------------------------- strict building
 
 
+def _short(text: str, limit: int = 80) -> str:
+    """A key or value as an error message shows it: on one line (escaped), cut to `limit` characters."""
+    text = text if text.isprintable() else repr(text)[1:-1]
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _unknown_key(source: str, key: str, valid: list[str]) -> FinetuneError:
     section, _, leaf = key.rpartition(".")
-    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
+    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5) if len(leaf) <= 200 else []
     hint = f"did you mean '{(section + '.') if section else ''}{close[0]}'?" if close else (
         "valid keys here: " + ", ".join(sorted(valid))
     )
-    return FinetuneError(f"{source}: unknown key '{key}'; {hint}")
+    return FinetuneError(f"{source}: unknown key '{_short(key)}'; {hint}")
 
 
 def _bad_value(source: str, key: str, value, why: str) -> FinetuneError:
-    return FinetuneError(f"{source}: {key} = {value!r} is invalid: {why}")
+    return FinetuneError(f"{source}: {key} = {shown(value)} is invalid: {why}")
 
 
 def build_section(cls, data, prefix: str, source: str):
@@ -399,11 +439,12 @@ def _check_field(f: dataclasses.Field, value, key: str, source: str):
 
 
 def _build_train(data, source: str) -> TrainConfig:
-    """`train`: our keys (stage, resume, fast_path) plus fields of the stage's TRL config."""
+    """`train`: our keys (stage, resume, fast_path, ...: TrainConfig) plus fields of the stage's TRL config."""
     if not isinstance(data or {}, dict):
         raise _bad_value(source, "train", data, "expected a mapping of keys")
     data = dict(data or {})
-    own = build_section(TrainConfig, {k: data.pop(k) for k in ("stage", "resume", "fast_path") if k in data}, "train",
+    ours = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "args"]
+    own = build_section(TrainConfig, {k: data.pop(k) for k in ours if k in data}, "train",
                         source)
     config_cls = stages.config_class(own.stage)
     fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
@@ -415,7 +456,7 @@ def _build_train(data, source: str) -> TrainConfig:
         if key in owned:
             raise FinetuneError(f"{source}: train.{key} is set by {owned[key]}; move it there")
         if key not in fields:
-            raise _unknown_key(source, f"train.{key}", [*fields, "stage", "resume", "fast_path"])
+            raise _unknown_key(source, f"train.{key}", [*fields, *ours])
         try:
             args[key] = _convert(value, hints[key])
         except _Invalid as e:
@@ -436,6 +477,9 @@ def _check_recipe(r: Recipe) -> None:
     for i, ref in enumerate([*r.data.datasets, *r.data.eval_datasets]):
         if not ref.name:
             raise FinetuneError(f"{src}: a dataset entry ({i}) has no name")
+    if r.adapter.type == "lora" and not all(name.strip() for name in r.adapter.target_modules or [""]):
+        raise FinetuneError(f"{src}: adapter.target_modules = {r.adapter.target_modules} names no module; give module "
+                            "names of the model (e.g. [q_proj, v_proj]) or all-linear")
     if r.quantization.bits and r.adapter.type == "none":
         raise FinetuneError(
             f"{src}: quantization.bits = {r.quantization.bits} with adapter.type = none: quantized weights "
@@ -445,7 +489,14 @@ def _check_recipe(r: Recipe) -> None:
         raise FinetuneError(f"{src}: adapter.use_dora with quantization.bits = 8 is not supported by peft; use 4 bits")
     if r.model.dtype == "fp16" and r.train.args.get("bf16"):
         raise FinetuneError(f"{src}: model.dtype = fp16 with train.bf16 = true; pick one precision")
-    if r.train.resume and r.overwrite:
+    if isinstance(r.train.resume, str) and r.train.resume.strip().lower() in ("true", "false", ""):
+        r.train.resume = r.train.resume.strip().lower() == "true"
+    elif isinstance(r.train.resume, str) and r.train.resume.strip().isdigit():
+        r.train.resume = int(r.train.resume.strip())
+    if isinstance(r.train.resume, int) and not isinstance(r.train.resume, bool) and r.train.resume < 0:
+        raise FinetuneError(f"{src}: train.resume = {r.train.resume}: give true, a checkpoint's step (>= 0) or a "
+                            "checkpoint folder")
+    if r.train.resume is not False and r.overwrite:
         raise FinetuneError(
             f"{src}: train.resume and overwrite are both true; resume keeps output_dir, overwrite deletes it"
         )
@@ -574,13 +625,52 @@ def read_yaml_mapping(path: Path, what: str) -> dict:
     """A YAML file that must hold a mapping (a recipe, a dataset YAML), or one clear error naming it."""
     if not path.is_file():
         raise FinetuneError(f"{path}: file not found")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise FinetuneError(f"{path}: not UTF-8 text (line {line}, byte {e.start}); save it as UTF-8") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise FinetuneError(f"{path}: not valid YAML: {e}") from None
+        raise FinetuneError(f"{path}: not valid YAML{_yaml_problem(e)}; fix the syntax there") from None
+    except RecursionError:
+        raise FinetuneError(f"{path}: nested too deeply to read (thousands of levels of lists or mappings)") from None
     if not isinstance(data, dict):
         raise FinetuneError(f"{path}: {what}, not {type(data).__name__}")
+    if _is_recursive(data):
+        raise FinetuneError(f"{path}: an alias (*name) refers to a mapping or list that holds it; settings "
+                            "cannot be recursive")
     return data
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: where (line, column) and what."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = ", ".join(str(p) for p in (getattr(e, "context", None), getattr(e, "problem", None)) if p)
+    return where + ": " + _short(" ".join((what or str(e)).split()), 200)
+
+
+def _is_recursive(data) -> bool:
+    """Whether a mapping or list holds itself (YAML anchors and aliases can build that); each node is visited once,
+    so aliases repeated many times cost nothing."""
+    on_path, done, stack = set(), set(), [(data, False)]
+    while stack:
+        node, leaving = stack.pop()
+        if leaving:
+            on_path.discard(id(node))
+            done.add(id(node))
+            continue
+        if not isinstance(node, (dict, list)) or id(node) in done:
+            continue
+        if id(node) in on_path:
+            return True
+        on_path.add(id(node))
+        stack.append((node, True))
+        stack.extend((child, False) for child in (node.values() if isinstance(node, dict) else node))
+    return False
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

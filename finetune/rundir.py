@@ -5,7 +5,7 @@
       metrics.jsonl     one JSON line per log step (loss, learning rate, eval loss, ...)
       loss_curve.png    train and held-out loss against steps, redrawn while training
       adapter/          the trained adapter (safetensors) and the tokenizer with the inference template
-      checkpoints/      checkpoints for train.resume (transformers' format)
+      checkpoints/      checkpoints for train.resume (transformers' format, published whole: finetune/checkpoints.py)
       completions.jsonl grpo/rloo: every sampled answer with its rewards
       tensorboard/ mlruns/ wandb/   the trackers of train.report_to (finetune/trackers.py)
 
@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from finetune.errors import FinetuneError
-from finetune.files import write_json
+from finetune.files import process_alive, write_json
 
 SECRET_ENV = (
     "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD",
@@ -124,17 +125,20 @@ def git_commit() -> str | None:
         return None
 
 
-def check_output_dir(path: Path, resume: bool, overwrite: bool, source: str) -> None:
+def check_output_dir(path: Path, resume: bool | int | str, overwrite: bool, source: str) -> None:
     """An existing output_dir is refused unless the recipe resumes it or says to overwrite it."""
+    resume_value = resume
     if path.exists() and not path.is_dir():
         raise FinetuneError(f"{source}: output_dir {path} is a file; give a folder path")
+    resume = resume is not False
     if not path.exists() or not any(path.iterdir()):
         if resume:
-            raise FinetuneError(f"{source}: train.resume is true but {path} holds no run to resume")
+            raise FinetuneError(f"{source}: train.resume is set but {path} holds no run to resume")
         return
     if resume:
-        if not any((path / "checkpoints").glob("checkpoint-*")):
-            raise FinetuneError(f"{source}: train.resume is true but {path}/checkpoints holds no checkpoint")
+        from finetune.checkpoints import resume_target
+
+        resume_target(path, resume_value, source)  # the checkpoint exists and is complete
         return
     if overwrite and not (path / "run.json").is_file():
         raise FinetuneError(
@@ -159,9 +163,19 @@ def read_run(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise FinetuneError(f"{run_dir} is not a run directory: no run.json (train writes one)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        run = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FinetuneError(f"{path}: not valid JSON ({e}); the run directory is damaged") from None
+    if not isinstance(run, dict):
+        raise FinetuneError(f"{path}: expected a JSON object; the run directory is damaged")
+    process = run.get("process") if isinstance(run.get("process"), dict) else {}
+    if run.get("status") == "running" and process.get("host") == socket.gethostname() and isinstance(
+            process.get("pid"), int) and process_alive(process["pid"], process.get("start_ticks")) is False:
+        # Killed without a chance to say so (SIGKILL, out of memory, power): the run is not running any more.
+        run["status"] = "interrupted"
+        run.setdefault("error", f"the training process (pid {process['pid']}) ended without finishing; a "
+                                "checkpoint in checkpoints/ (if any) can be resumed with train.resume=true")
+    return run
 
 
 def read_completed_run(run_dir: str | Path, what: str) -> dict:
@@ -233,12 +247,6 @@ class RunCallback(TrainerCallback):
         if self.interrupted:
             control.should_save = True
             control.should_training_stop = True
-
-    def on_save(self, args, state, control, **kwargs):
-        # Checkpoints pickle the full arguments (which can hold tokens); resuming does not read them, and
-        # run.json has the redacted config.
-        if self.is_main:
-            (Path(args.output_dir) / f"checkpoint-{state.global_step}" / "training_args.bin").unlink(missing_ok=True)
 
     def restore_signal_handlers(self) -> None:
         """The handlers as they were before install_signal_handlers (a Python caller's own are kept)."""
