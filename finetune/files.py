@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import shutil
@@ -83,16 +84,27 @@ def staged_dir(target: str | Path, replace: bool = False):
     If the block raises (or the process dies), `target` is untouched and the temporary folder is removed
     (or left under a dot-name that is never mistaken for a result). With `replace`, an existing target is
     swapped for the new folder in one atomic step, so the target path always holds a whole folder.
+
+    The temporary folder is locked (flock) for as long as its process builds it: a folder left by a process that
+    died is unlocked, and the next staged_dir of the same target removes it; a live process's is left alone.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    remove_stale_staging(target)
+    tmp, lock = _staging_folder(target)
     try:
-        yield tmp
-        make_publishable(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        try:
+            yield tmp
+            make_publishable(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _publish(tmp, target, replace)
+    finally:
+        os.close(lock)
+
+
+def _publish(tmp: Path, target: Path, replace: bool) -> None:
     if target.exists():
         if not replace:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -106,6 +118,62 @@ def staged_dir(target: str | Path, replace: bool = False):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
+
+
+
+# The temporary folders beside a target: .NAME.partial-XXXXXXXX, locked by the process that builds them.
+def _staging_folder(target: Path) -> tuple[Path, int]:
+    """A new, empty folder `.NAME.partial-XXXXXXXX` beside `target`, locked; and the descriptor holding the lock.
+
+    It is made under another dot-name and renamed once locked, so a `.partial-` folder is locked from the moment it
+    appears: one found unlocked belongs to a process that died."""
+    fresh = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.new-"))
+    fd = os.open(fresh, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        tmp = fresh.with_name(f".{target.name}.partial-{fresh.name.rpartition('.new-')[2]}")
+        os.rename(fresh, tmp)
+    except BaseException:
+        os.close(fd)
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
+    return tmp, fd
+
+
+def remove_stale_staging(target: str | Path) -> list[Path]:
+    """Remove the temporary folders of `target` whose process died while building them (their lock died with it);
+    those of live processes stay. Returns the folders removed."""
+    target = Path(target)
+    removed = []
+    for path in target.parent.glob(f".{glob.escape(target.name)}.partial-*"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:  # removed meanwhile, or not a folder
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except BlockingIOError:  # locked: its process is alive and building
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+@contextlib.contextmanager
+def work_dir(target: str | Path):
+    """A locked temporary folder beside `target` for intermediate files, removed when the block ends; like
+    staged_dir, it first removes the leftovers of processes that died."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(target)
+    tmp, lock = _staging_folder(target)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.close(lock)
 
 
 def process_alive(pid: int, start_ticks: int | None = None) -> bool | None:
