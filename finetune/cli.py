@@ -128,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug, or a library error we have not turned into a clear message yet
         if args.debug:
             raise
+        if isinstance(e, OSError) and e.filename is not None:
+            # A path the system refuses (not found, no permission, a name too long, disk full): the user's to fix.
+            print(f"finetune: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+            return 2
         print(f"finetune: unexpected {type(e).__name__}: {e}\n(run with --debug for the traceback)", file=sys.stderr)
         return 1
     finally:

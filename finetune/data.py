@@ -16,14 +16,13 @@ file, row and reason; lenient mode skips malformed rows, counts them per reason,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import random
 import re
-import shutil
-import tempfile
 import uuid
 import zlib
 from collections import Counter
@@ -31,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune import templates as templates_lib
-from finetune.errors import FinetuneError
-from finetune.files import file_lock, home_dir, staged_dir, write_json
+from finetune.errors import FinetuneError, shown
+from finetune.files import file_lock, home_dir, staged_dir, work_dir, write_json
 from finetune.recipe import build_section, field_spec, read_yaml_mapping
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "unpaired_preference")
@@ -106,13 +105,15 @@ def _guess_format(path: Path) -> str:
         return "text"
     try:
         if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8", errors="replace") as f:
-                first = next((line for line in f if line.strip()), None)
-            if first is None:
+            # The first row as training reads it (row numbers, a byte-order mark, non-UTF-8 bytes alike).
+            lineno, row = next(iter_rows(DatasetSpec(files={"train": str(path)}, source=str(path)), "train"),
+                               (None, None))
+            if lineno is None:
                 raise FinetuneError(f"{path}: the file is empty; it needs at least one row")
-            row = json.loads(first)
+            if isinstance(row, RowError):
+                raise FinetuneError(f"{path}: row {lineno}: {row}; fix the row (its keys tell the format)")
             if not isinstance(row, dict):
-                raise FinetuneError(f"{path}: row 1 is not a JSON object; each line must be one")
+                raise FinetuneError(f"{path}: row {lineno} is not a JSON object; each line must be one")
             keys = set(row)
         else:
             import datasets
@@ -197,6 +198,8 @@ def iter_rows(spec: DatasetSpec, split: str, max_rows: int | None = None):
                     count += 1
                     yield lineno, RowError(f"not UTF-8 text (byte {e.start})")
                     continue
+                if lineno == 1:
+                    line = line.removeprefix("\ufeff")  # a byte-order mark, as some editors save UTF-8
                 if not line.strip():
                     continue
                 count += 1
@@ -256,7 +259,7 @@ def _check_tool_calls(i: int, calls) -> str | None:
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
             return f"message {i} has a tool call without function.name"
         if not isinstance(function.get("arguments", {}), (dict, str)):
-            return f"message {i} tool call {function['name']!r} has arguments that are neither an object nor text"
+            return f"message {i} tool call {shown(function['name'])} has arguments that are neither an object nor text"
     return None
 
 
@@ -267,7 +270,7 @@ def check_messages(messages) -> str | None:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             return f"message {i} lacks role or content"
         if m["role"] not in ROLES:
-            return f"unknown role '{m['role']}' (allowed: {', '.join(ROLES)})"
+            return f"unknown role {shown(m['role'])} (allowed: {', '.join(ROLES)})"
         calls = m.get("tool_calls")
         if calls is not None and m["role"] != "assistant":
             return f"message {i} has tool_calls but is a {m['role']} message (only assistant turns call tools)"
@@ -300,15 +303,20 @@ def to_messages(spec: DatasetSpec, row) -> list[dict] | str:
                 return RowError("empty or non-text 'text'")
             return text
         if fmt == "messages":
-            messages = _normalised(row[_col(spec, "messages")] or [])
+            messages = row[_col(spec, "messages")]
+            if not isinstance(messages, list) or not messages:
+                return RowError(f"'{_col(spec, 'messages')}' is not a non-empty list of messages")
+            messages = _normalised(messages)
         elif fmt == "sharegpt":
-            messages = []
-            for turn in row[_col(spec, "conversations")] or []:
+            messages, turns = [], row[_col(spec, "conversations")]
+            if not isinstance(turns, list) or not turns:
+                return RowError(f"'{_col(spec, 'conversations')}' is not a non-empty list of turns")
+            for turn in turns:
                 if not isinstance(turn, dict):
                     return RowError("conversation turn is not an object")
                 who = turn.get("from")
                 if who not in SHAREGPT_ROLES:
-                    return RowError(f"unknown role '{who}' (allowed: {', '.join(SHAREGPT_ROLES)})")
+                    return RowError(f"unknown role {shown(who)} (allowed: {', '.join(SHAREGPT_ROLES)})")
                 messages.append({"role": SHAREGPT_ROLES[who], "content": turn.get("value")})
         elif fmt == "alpaca":
             instruction, extra = row[_col(spec, "instruction")], row.get(_col(spec, "input")) or ""
@@ -363,7 +371,7 @@ def _parsed_arguments(call):
         arguments = json.loads(function["arguments"])
     except json.JSONDecodeError as e:
         name = function.get("name")
-        raise ValueError(f"tool call {name!r} has arguments that are not valid JSON ({e.msg})") from None
+        raise ValueError(f"tool call {shown(name)} has arguments that are not valid JSON ({e.msg})") from None
     return {**call, "function": {**function, "arguments": arguments}}
 
 
@@ -438,7 +446,7 @@ def to_unpaired(spec: DatasetSpec, row) -> dict | RowError:
         return completion
     label = row.get(_col(spec, "label"))
     if not isinstance(label, bool):
-        return RowError(f"label is {label!r}, not true or false")
+        return RowError(f"label is {shown(label)}, not true or false")
     return {"prompt": prompt, "completion": completion, "label": label,
             "kind": str(row.get(_col(spec, "rejection_type")) or "")}
 
@@ -515,7 +523,7 @@ def tokenize(example, tokenizer, chat, max_length: int, assistant_only_loss: boo
         except FinetuneError:
             raise
         except Exception as e:  # noqa: BLE001 - a template refuses a conversation with whatever it raises
-            return RowError(f"the chat template cannot render this conversation ({type(e).__name__}: {e})")
+            return RowError(f"the chat template cannot render this conversation ({type(e).__name__}: {str(e)[:200]})")
     return {"input_ids": ids[:max_length], "labels": labels[:max_length], "full_length": len(ids)}
 
 
@@ -653,6 +661,8 @@ def iter_checked(spec: DatasetSpec, ref, data_cfg, shape: str, reasons: Counter,
                 f"{spec.source}: format text has no assistant turns; set data.assistant_only_loss: false to train on it"
             )
         yield rowno, converted
+    if not counts["read"]:
+        raise FinetuneError(f"{where}: no rows in split '{ref.split}' (an empty file?); it needs at least one row")
 
 
 def _check_drop_fraction(spec: DatasetSpec, ref, data_cfg, reasons: Counter, rows_read: int) -> None:
@@ -746,6 +756,10 @@ def _load_split(ref, tokenizer, templates, data_cfg, seed: int, work: Path):
         if isinstance(e.__cause__, FinetuneError):
             raise e.__cause__ from None
         raise
+    except ValueError:  # datasets refuses a generator that yields nothing: every row was dropped (lenient mode)
+        if first:
+            raise
+        ds = datasets.Dataset.from_dict({"example": [], "row": []}, features=features)
     _check_drop_fraction(spec, ref, data_cfg, reasons, counts["read"])
     order = _weighted_order(ref, len(ds), seed)
     if order is not None:
@@ -785,6 +799,22 @@ def _fingerprint(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+@contextlib.contextmanager
+def maps_outside_cache():
+    """While the block runs, datasets' map writes its results to a temporary folder of this process (datasets' own
+    behaviour with caching off), not beside the dataset mapped: a dataset read from the processed-data cache is then
+    never written into, however many processes map it at once."""
+    import datasets
+
+    was_on = datasets.is_caching_enabled()
+    datasets.disable_caching()
+    try:
+        yield
+    finally:
+        if was_on:
+            datasets.enable_caching()
+
+
 def prepare(data_cfg, tokenizer, templates, seed: int = 42) -> Prepared:
     """Load, check, tokenize and cache the training and held-out data of a recipe."""
     import datasets
@@ -818,7 +848,8 @@ def prepare(data_cfg, tokenizer, templates, seed: int = 42) -> Prepared:
 def _build_cache_entry(entry: Path, data_cfg, tokenizer, templates, seed: int) -> None:
     import datasets
 
-    work = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.work-"))
+    stack = contextlib.ExitStack()
+    work = stack.enter_context(work_dir(entry))  # locked: a dead process's is removed by the next build
     try:
         parts, per_dataset, hashes, first = {"train": [], "eval": []}, [], {}, None
         for which, refs in (("train", data_cfg.datasets), ("eval", data_cfg.eval_datasets)):
@@ -857,7 +888,7 @@ def _build_cache_entry(entry: Path, data_cfg, tokenizer, templates, seed: int) -
                 eval_ds.select_columns(["input_ids", "labels"]).save_to_disk(str(tmp / "eval"))
             write_json(tmp / "stats.json", {"stats": stats, "hashes": hashes, "first_example": first})
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        stack.close()
 
 
 def prepare_rows(data_cfg, shape: str, stage: str, seed: int = 42) -> Prepared:

@@ -79,7 +79,7 @@ class QuantizationConfig:
 class AdapterConfig:
     type: str = field_spec("lora", "lora trains low-rank adapters; none trains every weight (full fine-tuning).",
                            ("lora", "none"))
-    r: int = field_spec(16, "LoRA rank.", minimum=1)
+    r: int = field_spec(16, "LoRA rank.", minimum=1, maximum=65536)
     alpha: int = field_spec(32, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with use_rslora).",
                             minimum=1)
     dropout: float = field_spec(0.0, "Dropout on the LoRA input (on CPU its random masks cost ~27% of a LoRA step at "
@@ -242,6 +242,18 @@ TRAIN_DEFAULTS = {
     "dataloader_num_workers": 0,
 }
 
+# The least value of TRL config fields that neither TRL nor transformers checks: below it, a run fails deep inside
+# a library (a DataLoader, a division) instead of at load time.
+TRAIN_MINIMUMS = {
+    "per_device_train_batch_size": 1,
+    "per_device_eval_batch_size": 1,
+    "gradient_accumulation_steps": 1,
+    "eval_accumulation_steps": 1,
+    "dataloader_num_workers": 0,
+    "num_generations": 2,
+    "learning_rate": 0.0,
+}
+
 
 # ----------------------------------------------------------------------------- value conversion
 
@@ -339,16 +351,21 @@ def _convert(value, tp):
     if tp is int:
         if isinstance(value, bool):
             raise _Invalid("expected an integer")
+        number = None
         if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
+            number = value
+        elif isinstance(value, float) and value.is_integer():
+            number = int(value)
+        elif isinstance(value, str):
             try:
-                return int(value.replace("_", ""))
+                number = int(value.replace("_", ""))
             except ValueError:
                 pass
-        raise _Invalid("expected an integer")
+        if number is None:
+            raise _Invalid("expected an integer")
+        if abs(number) >= 2**63:  # no count or size is that large, and torch cannot hold it
+            raise _Invalid("out of range: an integer setting fits in 64 bits")
+        return number
     if tp is float:
         if isinstance(value, bool):
             raise _Invalid("expected a number")
@@ -461,6 +478,9 @@ def _build_train(data, source: str) -> TrainConfig:
             args[key] = _convert(value, hints[key])
         except _Invalid as e:
             raise _bad_value(source, f"train.{key}", value, str(e)) from None
+        least = TRAIN_MINIMUMS.get(key)
+        if least is not None and isinstance(args[key], (int, float)) and args[key] < least:
+            raise _bad_value(source, f"train.{key}", value, f"must be >= {least}")
     # A list of trackers (a comma-separated string on the command line), each supported and installed.
     args["report_to"] = trackers.check_report_to(args.get("report_to"), source) or "none"
     own.args = args
