@@ -63,8 +63,12 @@ def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, reci
     compute_dtype = models.resolve_dtype(recipe.model.dtype)
     if recipe.train.fast_path:
         fastpath.install_attention()
-    return Trainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
-                   processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    # TRL packs the rows with datasets' map, which writes its result beside the data it maps: into the processed-data
+    # cache that other processes read. Kept out of it (in a temporary folder of this process), the cache stays as
+    # it was published.
+    with data_lib.maps_outside_cache():
+        return Trainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
+                       processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
 
 
 held_out = runner.eval_loss
