@@ -662,7 +662,8 @@ def iter_checked(spec: DatasetSpec, ref, data_cfg, shape: str, reasons: Counter,
             )
         yield rowno, converted
     if not counts["read"]:
-        raise FinetuneError(f"{where}: no rows in split '{ref.split}' (an empty file?); it needs at least one row")
+        what = "the corpus is empty: no document" if shape == "text" else "no rows"
+        raise FinetuneError(f"{where}: {what} in split '{ref.split}' (an empty file?); it needs at least one")
 
 
 def _check_drop_fraction(spec: DatasetSpec, ref, data_cfg, reasons: Counter, rows_read: int) -> None:

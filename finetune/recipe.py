@@ -111,7 +111,8 @@ class DataConfig:
                                             "training twin, or masks from rendering prefixes), a family (smollm2, "
                                             "chatml, qwen3, gemma3, llama3, phi3, ...: any TRL ships), or a .jinja "
                                             "path.")
-    max_length: int = field_spec(512, "Tokens per sequence (per packed row when packing).", minimum=8)
+    max_length: int = field_spec(512, "Tokens per sequence (per packed row when packing).", minimum=8,
+                                 maximum=2**20)  # TRL's packing allocates a table of 2 x max_length entries
     packing: bool = field_spec(True, "Pack several rows per sequence, kept apart by position ids (exact, no "
                                      "cross-attention).")
     assistant_only_loss: bool = field_spec(True, "Train only on assistant tokens and their end-of-turn tokens.")

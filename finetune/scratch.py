@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 from finetune.errors import FinetuneError
@@ -144,6 +145,7 @@ def build_model(recipe, tokenizer):
 
     arch = recipe.architecture
     config, stop_ids = model_config(arch, tokenizer, recipe.model.attn_implementation)
+    _check_fits(config, recipe.source)
     torch.manual_seed(recipe.seed)
     model = LlamaForCausalLM(config).float()  # transformers' init: N(0, initializer_range), norms 1
     residual_std = arch.init_std / math.sqrt(2 * arch.layers)
@@ -153,6 +155,19 @@ def build_model(recipe, tokenizer):
             layer.mlp.down_proj.weight.normal_(0.0, residual_std)
     model.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
     return model
+
+
+def _check_fits(config, source: str) -> None:
+    """Refuse, before allocating, a model whose fp32 weights alone exceed this machine's memory (a slip such as
+    `layers: 60000` would end in an allocation error or the OOM killer)."""
+    h, kv = config.hidden_size, config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+    block = 2 * h * h + 2 * h * kv + 3 * h * config.intermediate_size + 2 * h
+    params = config.vocab_size * h * (1 if config.tie_word_embeddings else 2) + config.num_hidden_layers * block + h
+    need, have = 4 * params, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise FinetuneError(f"{source}: the architecture section describes a model of {params:,} parameters, "
+                            f"{need / 2**30:,.1f} GiB of fp32 weights: more than this machine's {have / 2**30:.1f} GiB "
+                            "of memory; use fewer layers or smaller sizes")
 
 
 def parameter_count(model, embeddings: bool = True) -> int:
