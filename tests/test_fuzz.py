@@ -409,7 +409,8 @@ def broken_runs(draw):
     key, value = draw(st.sampled_from([("adapter.dropout", ".nan"), ("train.learning_rate", ".inf"),
                                        ("data.max_length", "0"), ("seed", "-1"), ("adapter.target_modules", "[]"),
                                        ("train.eval_strategy", "maybe"), ("data.datasets", '[{name: "a\\0b"}]'),
-                                       ("adapter.r", "1e999"), ("model.name", '"\\ud800"')]))
+                                       ("adapter.r", "1e999"), ("model.name", '"\\ud800"'),
+                                       ("data.max_length", str(2**40)), ("train.per_device_train_batch_size", "0")]))
     return "recipe", None, [f"{key}={value}"]
 
 
@@ -443,3 +444,17 @@ def test_fuzzed_validate_and_train_leave_a_previous_run_untouched(previous_run, 
 
     case()
     outcomes.assert_clean()
+
+
+@pytest.mark.parametrize("override, key", [("architecture.layers=100000000", "architecture"),
+                                           ("architecture.hidden_size=1000000000", "architecture"),
+                                           ("architecture.intermediate_size=100000000000", "architecture")])
+def test_a_scratch_model_too_big_for_memory_is_refused_before_allocating(registry, tmp_path, monkeypatch, capsys,
+                                                                         override, key):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FINETUNE_DATASETS", str(registry))
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path / "home"))
+    code, err = _run(["validate", str(REPO / "recipes/tiny/pretrain.yaml"), override, "data.eval_datasets=[]",
+                      f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert f"the {key} section describes a model of" in err and "GiB of memory" in err
