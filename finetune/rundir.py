@@ -284,9 +284,18 @@ class RunCallback(TrainerCallback):
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl's rows; a line cut short (a kill in the middle of appending it) is skipped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> Path | None:

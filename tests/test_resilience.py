@@ -149,6 +149,8 @@ def test_sigkill_mid_save_then_resume_equals_the_uninterrupted_run(tmp_path, tin
     with pytest.raises(FinetuneError, match=r"has no adapter/ or model/ folder \(run status: interrupted\)"):
         load_for_inference(str(run_dir))
 
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a line cut short by the kill
     resumed = runner.train(_recipe(killed_raw, resume=True))
     steps = killed_raw["train"]["max_steps"]
     assert _dirs(resumed / "checkpoints") == [f"checkpoint-{s}" for s in range(2, steps + 1, 2)]
@@ -436,3 +438,23 @@ def test_an_update_that_overflows_the_weights_stops_the_run(tmp_path, tiny_llama
         runner.train(_recipe(raw), callbacks=[Overflow()])
     run_dir = Path(raw["output_dir"])
     assert _dirs(run_dir / "checkpoints") == ["checkpoint-1"]
+
+
+def test_leftover_staging_is_cleaned_but_a_live_processs_is_left_alone(tmp_path):
+    import socket
+
+    from finetune.checkpoints import clean_staging
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    root = tmp_path / "checkpoints"
+    names = {"live": f".staging-checkpoint-4-{os.getpid()}@{host}", "dead": f".staging-checkpoint-6-{dead.pid}@{host}",
+             "other host": f".staging-checkpoint-8-{dead.pid}@another-{host}", "pruned": ".deleting-checkpoint-2-1",
+             "published": "checkpoint-2"}
+    for name in names.values():
+        (root / name).mkdir(parents=True)
+        (root / name / "optimizer.pt").write_bytes(b"0")
+    removed = clean_staging(root)
+    assert sorted(p.name for p in removed) == sorted([names["dead"], names["pruned"]])
+    assert _dirs(root) == sorted([names["live"], names["other host"], names["published"]])

@@ -7,12 +7,19 @@
    the model (the stage's model class, 4/8-bit as the recipe says) with a fresh adapter, or with the adapter
    of `model.init_from` to continue, then the stage's trainer. `model.name: scratch` builds a random model and
    trains its tokenizer instead (finetune/scratch.py; stage pretrain).
-3. Replace output_dir (overwrite=true) only now that everything loaded; write run.json (status running).
-4. Held-out figures before, train (SIGINT/SIGTERM: checkpoint and stop), held-out figures after.
-5. Save the adapter (safetensors + tokenizer with the inference template; no pickles) in RUN_DIR/adapter, or the
+3. A resume (train.resume): the checkpoint it names, refused if the recipe, data hashes or library versions
+   differ from run.json's (unless train.resume_changes) or if its pickles would run code (finetune/trust.py);
+   later checkpoints set aside, metrics logged after it dropped (finetune/checkpoints.py).
+4. Replace output_dir (overwrite=true) only now that everything loaded; write run.json (status running, and the
+   process that writes it, so that a killed run reads as interrupted).
+5. Held-out figures before, train (SIGINT/SIGTERM: checkpoint and stop), held-out figures after. Checkpoints are
+   staged and published whole (finetune/checkpoints.py); a NaN/inf loss or gradient stops the run before its
+   update, or skips it (finetune/nonfinite.py).
+6. Save the adapter (safetensors + tokenizer with the inference template; no pickles) in RUN_DIR/adapter, or the
    whole model (adapter.type none) as an HF model folder in RUN_DIR/model (under FSDP2 gathered from the processes'
-   shards: finetune/distributed.py); a run whose folder holds no weights fails. The summary, and run.json with
-   status completed (or failed/interrupted, with the error, on any exception).
+   shards: finetune/distributed.py), written aside and published by one rename; a run whose folder holds no weights
+   fails. The summary, and run.json with status completed (or failed/interrupted, with the error, on any
+   exception).
 
 The run directory's layout is described in finetune/rundir.py.
 """
