@@ -4,11 +4,12 @@
       checkpoint-<step>/                        published: complete, what train.resume reads
       .staging-checkpoint-<step>-<pid>@<host>/   being written (or left by a process that died while writing)
       .deleting-checkpoint-<step>-<pid>/        pruned (save_total_limit), being deleted
-      abandoned-<time>/checkpoint-<step>/       later checkpoints set aside when a run resumed an earlier one
+      abandoned-<time>-<pid>/checkpoint-<step>/ later checkpoints set aside when a run resumed an earlier one
 
 The Trainer writes a checkpoint file by file into its final folder, so a kill or a full disk mid-save leaves a
-folder that looks like a checkpoint and is not one. Here every process writes into a staging folder (rank 0:
-weights, optimizer, scheduler, trainer state; each rank: its RNG state); once all have finished, rank 0 drops
+folder that looks like a checkpoint and is not one. Here every process writes into a staging folder what the Trainer
+has it write (the main process: weights, optimizer, scheduler, trainer state; each rank its RNG state; under
+FSDP/DeepSpeed each rank its shards); once all have finished, the main process drops
 the pickled training arguments, flushes the files to disk and publishes the folder with one rename. Only then
 are old checkpoints pruned (save_total_limit). A failed save removes its staging folder and leaves the
 previous checkpoint as the one a resume takes.
@@ -37,10 +38,12 @@ def install(trainer) -> None:
     """Make the trainer's checkpoints atomic: staged, published by one rename, pruned after publishing.
 
     The Trainer has no hook around its checkpoint save, so its `_save_checkpoint` (the stage's override
-    included) runs with `_get_output_dir` pointing at the staging folder.
+    included) runs with `_get_output_dir` pointing at the staging folder; what it recorded about that folder
+    (the best checkpoint's path) is pointed at the published one, and a push to the hub sends the published one.
     """
     save, output_dir = trainer._save_checkpoint, trainer._get_output_dir
     staging_root: list[str] = []
+    published_steps: set[int] = set()
 
     def staged_output_dir(trial=None):
         return staging_root[-1] if staging_root else output_dir(trial)
@@ -48,24 +51,37 @@ def install(trainer) -> None:
     def atomic_save(model, trial=None):
         root = Path(output_dir(trial))
         step = trainer.state.global_step
+        if step in published_steps:  # e.g. an interrupt's save, then the epoch end's at the same step
+            return
         stage = root / f".staging-checkpoint-{step}-{_writer(trainer)}"
-        limit, trainer.args.save_total_limit = trainer.args.save_total_limit, None  # prune after publishing
+        args = trainer.args
+        limit, push = args.save_total_limit, args.push_to_hub
+        args.save_total_limit, args.push_to_hub = None, False  # prune and push only what is published
         staging_root.append(str(stage))
         try:
             save(model, trial)
         except Exception as e:
-            if trainer.args.should_save:
+            if args.should_save:
                 shutil.rmtree(stage, ignore_errors=True)
             raise FinetuneError(_failed_save_message(root, step, e)) from e
         finally:
             staging_root.clear()
-            trainer.args.save_total_limit = limit
-        trainer.accelerator.wait_for_everyone()  # every rank's RNG state is in the staging folder
-        if trainer.args.should_save:
-            publish(stage / f"checkpoint-{step}", root / f"checkpoint-{step}")
+            args.save_total_limit, args.push_to_hub = limit, push
+        final = root / f"checkpoint-{step}"
+        best = trainer.state.best_model_checkpoint
+        if best and str(best).startswith(str(stage)):
+            trainer.state.best_model_checkpoint = str(final)
+            if args.should_save:
+                trainer.state.save_to_json(str(stage / final.name / LAST_FILE))
+        trainer.accelerator.wait_for_everyone()  # every rank's files (its RNG state, shards) are in the staging folder
+        if args.should_save:
+            publish(stage / final.name, final)
             shutil.rmtree(stage, ignore_errors=True)
-            if limit:
-                prune(root, limit)
+            if limit and limit > 0:
+                prune(root, limit, keep=trainer.state.best_model_checkpoint)
+            if push:
+                trainer._push_from_checkpoint(str(final))
+        published_steps.add(step)
         trainer.accelerator.wait_for_everyone()
 
     trainer._get_output_dir = staged_output_dir
@@ -92,7 +108,7 @@ def publish(staged: Path, final: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-    if final.exists():  # the same step written again (a resumed run's final save): keep the newer one
+    if final.exists():  # left by an earlier session (not resumed from): keep the newer, set the old one aside
         set_aside(final.parent, [final])
     os.rename(staged, final)
     fd = os.open(final.parent, os.O_RDONLY)
@@ -102,13 +118,23 @@ def publish(staged: Path, final: Path) -> None:
         os.close(fd)
 
 
-def prune(root: Path, limit: int) -> None:
-    """Delete the oldest published checkpoints (by step) beyond save_total_limit: each renamed out of sight first,
-    so that a kill while deleting never leaves a half-deleted checkpoint-N to be resumed."""
-    for step, path in sorted(published(root))[:-limit]:
+def prune(root: Path, limit: int, keep: str | None = None) -> None:
+    """Delete the oldest published checkpoints (by step) beyond save_total_limit, never the best one (`keep`, as
+    transformers keeps it): each renamed out of sight first, so that a kill while deleting never leaves a
+    half-deleted checkpoint-N to be resumed."""
+    found = sorted(published(root))
+    if keep and Path(keep).exists():
+        found = [(s, p) for s, p in found if not p.samefile(keep)]
+        limit = max(limit - 1, 1)
+    for step, path in found[:-limit]:
         doomed = root / f".deleting-{path.name}-{os.getpid()}"
         os.rename(path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
+
+
+def step_of(checkpoint: Path) -> int:
+    """The optimizer step a complete checkpoint was written at."""
+    return int(json.loads((Path(checkpoint) / LAST_FILE).read_text()).get("global_step", 0))
 
 
 def published(root: Path) -> list[tuple[int, Path]]:
@@ -118,7 +144,8 @@ def published(root: Path) -> list[tuple[int, Path]]:
 
 
 def clean_staging(root: Path) -> list[Path]:
-    """Remove staging folders left by processes of this host that no longer run (never a live process's)."""
+    """Remove staging folders left by processes of this host that no longer run (never a live process's), and
+    pruned checkpoints whose deletion was cut short."""
     removed = []
     if not root.is_dir():
         return removed
@@ -196,7 +223,8 @@ def prepare_resume(run_dir: Path, checkpoint: Path) -> dict:
 
 def resume_differences(previous: dict, recipe: dict, hashes: dict, versions: dict) -> list[str]:
     """What differs between the run being resumed (its run.json) and this one: recipe keys, data, libraries."""
-    ignore = {"train.resume", "train.resume_changes", "overwrite"}
+    # What may change at a resume: how it resumes, and what to do with a NaN (the usual reason to resume).
+    ignore = {"train.resume", "train.resume_changes", "overwrite", "train.on_nonfinite", "train.max_nonfinite_skips"}
     old, new = _flat(previous.get("recipe") or {}), _flat(json.loads(json.dumps(recipe, default=str)))
     out = [f"{key} {_show(old, key)} -> {_show(new, key)}" for key in sorted(old.keys() | new.keys())
            if key not in ignore and old.get(key, _UNSET) != new.get(key, _UNSET)]

@@ -5,12 +5,15 @@ Left alone, the Trainer logs a NaN loss as the mean of the previous ones (`loggi
 optimizer step with NaN gradients and goes on saving NaN weights. Here:
 
 - every micro-batch's loss is checked (the trainer's `compute_loss` is wrapped; no sync until the step),
-- before the optimizer step, the losses and the gradients; all processes agree (one all-reduce), so every rank
-  stops, or skips, at the same step,
+- before the optimizer step, the losses and the gradients (under fp16 mixed precision, the loss only: an inf
+  gradient is the GradScaler's routine overflow, which it skips itself); all processes agree (an all-reduce), so
+  every rank stops, or skips, at the same step; under DeepSpeed, whose optimizer steps inside backward, each
+  micro-batch's loss before its backward (stop only),
 - skip: the gradients are dropped (None), so the optimizer leaves every weight and its moments as they were;
   skipped steps are counted in the logs (`nonfinite_skips`) and the summary, and the run stops once more than
-  train.max_nonfinite_skips were skipped,
-- after the step, the trained weights (a finite update can still overflow).
+  train.max_nonfinite_skips were skipped (counted per session: a resumed run counts afresh),
+- after the step, the trained weights (a finite update can still overflow; not under ZeRO-3, whose weights are
+  sharded placeholders here).
 
 Stopping raises a FinetuneError naming the step: the run is marked failed, the last checkpoint (written before
 that step) and nothing later is kept.
@@ -34,6 +37,13 @@ class NonFiniteGuard(TrainerCallback):
     def install(self, trainer) -> None:
         """Wrap the trainer's loss so that each micro-batch's value is checked."""
         self.trainer = trainer
+        # DeepSpeed steps its optimizer inside backward (accelerate's DeepSpeed wrapper), before any callback, and
+        # keeps gradients in its own buffers: there, each micro-batch's loss is checked before its backward, and a
+        # step cannot be skipped.
+        self.deepspeed = bool(getattr(trainer, "is_deepspeed_enabled", False))
+        if self.deepspeed and self.mode == "skip":
+            raise FinetuneError("train.on_nonfinite: skip is not available under DeepSpeed (its optimizer steps inside "
+                                "backward, before a step could be skipped); use on_nonfinite: stop")
         compute_loss = trainer.compute_loss
 
         def checked_loss(model, inputs, return_outputs=False, **kwargs):
@@ -42,6 +52,14 @@ class NonFiniteGuard(TrainerCallback):
             if model.training and torch.is_tensor(loss):
                 bad = ~torch.isfinite(loss.detach()).all()
                 self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
+                if self.deepspeed:
+                    flag = self._bad_loss.float().reshape(1)
+                    if torch.distributed.is_available() and torch.distributed.is_initialized():
+                        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                    if flag.item():
+                        raise FinetuneError(f"the loss was NaN/inf at step {trainer.state.global_step + 1}; the run "
+                                            "stops before that step's update, so the weights and the checkpoints so "
+                                            f"far are finite. {_advice(trainer.args)}")
             return out
 
         trainer.compute_loss = checked_loss
@@ -55,8 +73,10 @@ class NonFiniteGuard(TrainerCallback):
         flags = torch.zeros(2, device=args.device)
         if self._bad_loss is not None:
             flags[0] = self._bad_loss.to(flags.device).float()
-        if grads:
-            flags[1] = (~torch.stack([torch.isfinite(g).all() for g in grads]).all()).to(flags.device).float()
+        # Under fp16 mixed precision, an inf gradient is the GradScaler's routine overflow: it skips that step and
+        # lowers its scale itself; only the loss counts then.
+        if grads and getattr(self.trainer.accelerator, "scaler", None) is None:
+            flags[1] = (~torch.stack([torch.isfinite(_local(g)).all() for g in grads]).all()).to(flags.device).float()
         self._bad_loss = None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)  # one decision for all ranks
@@ -80,8 +100,9 @@ class NonFiniteGuard(TrainerCallback):
                             f"weights and the checkpoints so far are finite. {_advice(args)}")
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        bad = [p for p in self._params() if not torch.isfinite(p).all()]
-        flag = torch.tensor(float(bool(bad)), device=args.device)
+        params = self._params()  # under ZeRO-3 these are empty placeholders: the loss check above still holds
+        finite = torch.stack([torch.isfinite(_local(p)).all() for p in params]).all() if params else torch.tensor(True)
+        flag = (~finite).float().to(args.device).reshape(1)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if flag.item():
@@ -93,6 +114,11 @@ class NonFiniteGuard(TrainerCallback):
             logs["nonfinite_skips"] = self.skips
 
 
+def _local(tensor):
+    """A DTensor's (FSDP2) shard on this process, so that checking it needs no collective."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def _advice(args) -> str:
-    return (f"Lower train.learning_rate (now {args.learning_rate:g}), check the data, resume from the last checkpoint "
-            "with train.resume=true, or set train.on_nonfinite: skip")
+    return (f"Lower train.learning_rate (now {args.learning_rate:g}) or check the data, then resume from the last "
+            "checkpoint with train.resume=true train.resume_changes=true; or set train.on_nonfinite: skip")

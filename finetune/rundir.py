@@ -244,6 +244,15 @@ class RunCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.steps_this_process += 1
+        import torch
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # A signal reaches one process (kill PID) or the processes at different steps: all stop at the same step,
+            # since the save and the next step's gradient reduction are collectives.
+            flag = torch.tensor([1.0 if self.interrupted else 0.0], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() and not self.interrupted:
+                self.interrupted = "a signal to another process"
         if self.interrupted:
             control.should_save = True
             control.should_training_stop = True

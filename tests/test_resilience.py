@@ -312,8 +312,12 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, tiny_
     assert not (run_dir / "adapter").exists() and not list(run_dir.glob(".adapter*"))
     assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
     monkeypatch.setattr(peft.peft_model, "safe_save_file", safetensors.torch.save_file)
+    # The training had ended at checkpoint-4: the resume saves its weights and takes no further step.
     runner.train(_recipe(raw, resume=True))
-    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "completed" and run["summary"]["steps"] == 4
+    last = load_file(run_dir / "checkpoints/checkpoint-4/adapter_model.safetensors")
+    assert all(torch.equal(last[k], v) for k, v in _adapter(run_dir).items())
 
 
 def test_resuming_an_earlier_checkpoint_sets_later_ones_aside(tmp_path, tiny_llama):

@@ -313,10 +313,19 @@ def _train_and_save(built: Built, recipe: Recipe, run_dir: Path):
     # --- Train. SIGINT/SIGTERM save a checkpoint and stop at the end of the current step.
     callback.install_signal_handlers()
     start = time.time()
-    result = trainer.train(resume_from_checkpoint=str(built.resume_from) if built.resume_from else None)
+    if built.resume_from and 0 < trainer.args.max_steps <= checkpoints.step_of(built.resume_from):
+        # The training had ended at this checkpoint (its final save failed, say): its weights, and no further step
+        # (the Trainer would take one more, since it checks max_steps only after a step).
+        from transformers import TrainerState
+
+        trainer._load_from_checkpoint(str(built.resume_from))
+        trainer.state = TrainerState.load_from_json(str(built.resume_from / checkpoints.LAST_FILE))
+        result = None
+    else:
+        result = trainer.train(resume_from_checkpoint=str(built.resume_from) if built.resume_from else None)
     seconds = time.time() - start
     processes = _per_process_counts(trainer, callback)
-    if callback.interrupted:
+    if callback.interrupted and trainer.state.global_step < trainer.state.max_steps:  # at the last step: completed
         raise FinetuneError(
             f"training interrupted by {callback.interrupted} at step {trainer.state.global_step}; a checkpoint "
             f"is in {run_dir}/checkpoints. Continue with: finetune train {recipe.source} train.resume=true "
@@ -362,7 +371,7 @@ def _train_and_save(built: Built, recipe: Recipe, run_dir: Path):
         "seconds_per_step": round(seconds / max(1, trainer.state.global_step), 2),
         "train_loss_first": history[0]["loss"] if history else None,
         "train_loss_last": history[-1]["loss"] if history else None,
-        "train_loss_mean": result.training_loss,
+        "train_loss_mean": result.training_loss if result else None,
         **stage.summary(before, after, history),
         # Input tokens (TRL's count, all processes) per second, from the first to the last logged step.
         "tokens_per_second": round(rate, 1) if rate else None,
@@ -379,7 +388,11 @@ def _train_and_save(built: Built, recipe: Recipe, run_dir: Path):
 def _resume_checkpoint(recipe: Recipe, run_dir: Path, built: Built) -> Path:
     """The checkpoint train.resume names, after checking that the recipe, data and libraries are the run's."""
     checkpoint = checkpoints.resume_target(run_dir, recipe.train.resume, recipe.source)
-    differences = checkpoints.resume_differences(read_run(run_dir), redact(recipe.to_dict()), built.prepared.hashes,
+    previous = read_run(run_dir)
+    if previous.get("status") == "running" and (previous.get("process") or {}).get("host") == socket.gethostname():
+        raise FinetuneError(f"{recipe.source}: train.resume: the run in {run_dir} is still running (pid "
+                            f"{previous['process'].get('pid')}); stop it (SIGTERM saves a checkpoint) before resuming")
+    differences = checkpoints.resume_differences(previous, redact(recipe.to_dict()), built.prepared.hashes,
                                                  package_versions())
     if differences and not recipe.train.resume_changes:
         raise FinetuneError(
