@@ -98,30 +98,35 @@ def _adapter(run_dir: Path) -> dict:
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
-# Runs a recipe in a fresh process that kills itself (SIGKILL) in the middle of saving checkpoint-<step>: after
-# its optimizer state is written, before its scheduler, RNG and trainer state.
-KILL_MID_SAVE = """
-import json, os, signal, sys
-sys.path.insert(0, {repo!r})
-import torch
-from finetune.recipe import recipe_from_dict
-from finetune.stages import runner
-
+def _train_script(tmp_path: Path, name: str, raw: dict, kill_step: int | None = None) -> Path:
+    """A script that trains the recipe; with kill_step, the process kills itself (SIGKILL) in the middle of saving
+    checkpoint-<kill_step>: after its optimizer state is written, before its scheduler, RNG and trainer state."""
+    recipe = tmp_path / f"{name}.json"
+    recipe.write_text(json.dumps(raw))
+    kill = f"""
 real_save = torch.save
 def save(obj, f, *args, **kwargs):
     real_save(obj, f, *args, **kwargs)
-    if str(f).endswith("checkpoint-{step}/optimizer.pt"):
+    if str(f).endswith("checkpoint-{kill_step}/optimizer.pt"):
         os.kill(os.getpid(), signal.SIGKILL)
 torch.save = save
-runner.train(recipe_from_dict(json.load(open({recipe!r})), "recipe.yaml"))
-"""
+""" if kill_step else ""
+    script = tmp_path / f"{name}.py"
+    script.write_text(f"""
+import json, os, signal, sys
+sys.path.insert(0, {str(REPO)!r})
+import torch
+from finetune.recipe import recipe_from_dict
+from finetune.stages import runner
+{kill}
+runner.train(recipe_from_dict(json.load(open({str(recipe)!r})), "recipe.yaml"))
+""")
+    return script
 
 
 def _start_killed_run(tmp_path: Path, raw: dict, step: int) -> subprocess.Popen:
-    path = tmp_path / "killed.json"
-    path.write_text(json.dumps(raw))
-    script = KILL_MID_SAVE.format(repo=str(REPO), step=step, recipe=str(path))
-    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    script = _train_script(tmp_path, "killed", raw, step)
+    return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=REPO)
 
 
@@ -168,26 +173,7 @@ def test_sigkill_mid_save_then_resume_equals_the_uninterrupted_run(tmp_path, tin
 
 def _launch(tmp_path: Path, name: str, raw: dict, port: int, kill_step: int | None = None) -> subprocess.Popen:
     """`accelerate launch` with the 2-process CPU config; kill_step: rank 0 kills itself mid-save (as above)."""
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(raw))
-    script = tmp_path / f"{name}.py"
-    kill = f"""
-real_save = torch.save
-def save(obj, f, *args, **kwargs):
-    real_save(obj, f, *args, **kwargs)
-    if str(f).endswith("checkpoint-{kill_step}/optimizer.pt"):
-        os.kill(os.getpid(), signal.SIGKILL)
-torch.save = save
-""" if kill_step else ""
-    script.write_text(f"""
-import json, os, signal, sys
-sys.path.insert(0, {str(REPO)!r})
-import torch
-from finetune.recipe import recipe_from_dict
-from finetune.stages import runner
-{kill}
-runner.train(recipe_from_dict(json.load(open({str(path)!r})), "recipe.yaml"))
-""")
+    script = _train_script(tmp_path, name, raw, kill_step)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "recipes/accelerate/cpu_ddp.yaml"), "--main_process_port", str(port), str(script)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
