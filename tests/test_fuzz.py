@@ -57,6 +57,13 @@ def _is_poison(value) -> bool:
     return isinstance(value, str) and ("\x00" in value or "\ud800" in value)
 
 
+def _at(tree, path):
+    """The node of a nested mapping/list at a path of keys and indexes."""
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
 def _paths(node, prefix=()):
     """Every (path, value) inside parsed YAML; a path is a tuple of mapping keys and list indexes."""
     items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
@@ -94,16 +101,12 @@ def _mutate_tree(draw, data):
         holders = [()] + [p for p, v in paths if isinstance(v, dict)]
         where = draw(st.sampled_from(holders))
         key = draw(st.sampled_from(UNKNOWN_KEYS))
-        node = data
-        for k in where:
-            node = node[k]
+        node = _at(data, where)
         node[key] = 1
         free = any(_free_form(k) for k in where)
         return f"unknown key {key!r:.40} at {where}", None if free else ("unknown", where, key)
     path, old = draw(st.sampled_from(paths))
-    node = data
-    for k in path[:-1]:
-        node = node[k]
+    node = _at(data, path[:-1])
     if kind == "delete":
         del node[path[-1]]
         return f"deleted {path}", None
@@ -291,17 +294,13 @@ def _row_mutation(draw, lines: list[bytes]):
         paths = [p for p, v in _paths(row) if p[-1] in ("role", "from")]
         if paths:
             path = draw(st.sampled_from(paths))
-            node = row
-            for k in path[:-1]:
-                node = node[k]
+            node = _at(row, path[:-1])
             node[path[-1]] = draw(st.sampled_from(["bot", "", "ASSISTANT", None, 3]))
             lines[i] = json.dumps(row).encode() + b"\n"
             return lines, f"row {i + 1}: {path} = {node[path[-1]]!r}", ("row", i + 1)
     paths = list(_paths(row))
     path, _ = draw(st.sampled_from(paths))
-    node = row
-    for k in path[:-1]:
-        node = node[k]
+    node = _at(row, path[:-1])
     if kind == "delete":
         del node[path[-1]]
     else:
