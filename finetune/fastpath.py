@@ -31,6 +31,12 @@ import torch.nn.functional as F
 
 # Rows of the [positions x vocabulary] logits turned to fp32 at a time in the loss (512 x 49,152 x 4 bytes: 96 MiB).
 LOSS_CHUNK = 512
+# Row widths and kept positions are rounded up to a multiple of this, so a run sees a few dozen matmul shapes, not a
+# new one every step: the CPU's oneDNN kernels are built and cached per shape (a new shape costs its build, and the
+# cache held ~1.5 GB more after 40 padding-free steps of varying width).
+SHAPE_MULTIPLE = 64
+# The same for the per-document attention's layout: documents, and the longest document's length.
+LAYOUT_MULTIPLE = (4, 16)
 
 
 # ----------------------------------------------------------------------------- 1. logits only where trained
@@ -40,26 +46,52 @@ def supervised_nll(model, inputs: dict, num_items_in_batch=None, doc_attention: 
     """Summed next-token negative log-likelihood over positions with a label (not -100), divided by
     `num_items_in_batch` (the Trainer's count of labels in the whole accumulated batch) or by this batch's count.
     Returns (loss, number of trained positions)."""
+    inputs = pad_to_multiple(inputs)
     labels = inputs["labels"]
     targets = labels[:, 1:]
     trained = targets != -100
     keep = trained.any(0).nonzero()[:, 0]  # positions (of the input) whose next token some row trains
-    if keep.numel() == 0:
-        keep = torch.zeros(1, dtype=torch.long, device=labels.device)  # a differentiable zero, not an empty graph
+    kept = keep.numel()
+    # Rounded up with position 0, its target set to -100 below (where nothing is trained: a differentiable zero).
+    keep = torch.cat([keep, keep.new_zeros(-kept % SHAPE_MULTIPLE if kept else SHAPE_MULTIPLE)])
     forward = {k: v for k, v in inputs.items() if k != "labels" and not k.startswith(("cu_seq_lens", "max_length"))}
     forward.pop("seq_idx", None)
     if doc_attention and "attention_mask" not in forward and "position_ids" in forward:
         layout = doc_layout(forward["position_ids"])
-        documents, longest = layout["doc_index"].shape
+        sizes = layout["doc_valid"].sum(1)
+        documents, longest = int((sizes > 0).sum()), int(sizes.max())
         batch, length = forward["position_ids"].shape
         if 4 * documents * longest**2 <= batch * length**2:  # pays only where documents are short next to rows
             forward.update(layout)
     logits = model(**forward, use_cache=False, logits_to_keep=keep).logits  # [batch, kept, vocab]
     picked = targets[:, keep]
+    picked[:, kept:] = -100
     nll = _chunked_nll(logits.reshape(-1, logits.shape[-1]), picked.reshape(-1))
     count = trained.sum()
     divisor = count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     return nll / divisor, count
+
+
+def pad_to_multiple(inputs: dict, multiple: int = SHAPE_MULTIPLE) -> dict:
+    """A batch widened to a multiple of `multiple` tokens: the new positions come after every real token (which,
+    under the causal mask, never attends to them), are untrained (-100), masked out where there is an attention
+    mask, and form documents of their own, no longer than the longest real one, where position ids mark documents. Batches with other per-token inputs
+    are left as they are."""
+    width = inputs["input_ids"].shape[1]
+    pad = -width % multiple
+    dropped = ("cu_seq_lens", "max_length", "seq_idx")  # not passed to the model (supervised_nll)
+    known = {"input_ids", "labels", "attention_mask", "position_ids"}
+    if not pad or any(k not in known and not k.startswith(dropped) for k in inputs):
+        return inputs
+    out = {"input_ids": F.pad(inputs["input_ids"], (0, pad), value=0),
+           "labels": F.pad(inputs["labels"], (0, pad), value=-100)}
+    if "attention_mask" in inputs:
+        out["attention_mask"] = F.pad(inputs["attention_mask"], (0, pad), value=0)
+    if "position_ids" in inputs:
+        positions = inputs["position_ids"]  # padding: documents no longer than the longest real one
+        more = (torch.arange(pad, device=positions.device) % (int(positions.max()) + 1)).expand(positions.shape[0], pad)
+        out["position_ids"] = torch.cat([positions, more], dim=1)
+    return out
 
 
 def trainer_loss(trainer, model, inputs: dict, num_items_in_batch=None):
@@ -92,15 +124,18 @@ def _chunked_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def doc_layout(position_ids: torch.Tensor) -> dict:
     """The documents of packed rows (each starts where its position id is 0, or at a row's start), as an index into
     the flattened [batch x length] tokens: `doc_index` [documents, longest] (padding repeats the first token) and
-    `doc_valid` [documents, longest]."""
+    `doc_valid` [documents, longest]; both dimensions rounded up (LAYOUT_MULTIPLE), the extra places not valid."""
     batch, length = position_ids.shape
     starts = position_ids.reshape(-1) == 0
     starts[::length] = True
     first = starts.nonzero()[:, 0]
     lengths = torch.diff(first, append=first.new_tensor([batch * length]))
-    offsets = torch.arange(int(lengths.max()), device=position_ids.device)
+    # Rounded up (empty documents, padding columns) to a few shapes a run, as the rows are (SHAPE_MULTIPLE).
+    lengths = F.pad(lengths, (0, -lengths.numel() % LAYOUT_MULTIPLE[0]))
+    longest = -(-int(lengths.max()) // LAYOUT_MULTIPLE[1]) * LAYOUT_MULTIPLE[1]
+    offsets = torch.arange(longest, device=position_ids.device)
     valid = offsets[None, :] < lengths[:, None]
-    index = torch.where(valid, first[:, None] + offsets[None, :], 0)
+    index = torch.where(valid, F.pad(first, (0, lengths.numel() - first.numel()))[:, None] + offsets[None, :], 0)
     return {"doc_index": index, "doc_valid": valid}
 
 

@@ -146,9 +146,35 @@ def test_documents_attend_only_to_themselves():
 
 def test_doc_layout_names_each_document():
     layout = fastpath.doc_layout(torch.tensor([[0, 1, 2, 0, 1], [2, 3, 0, 1, 2]]))  # row 2 continues a document
-    assert layout["doc_index"].tolist() == [[0, 1, 2], [3, 4, 0], [5, 6, 0], [7, 8, 9]]
-    assert layout["doc_valid"].tolist() == [[True, True, True], [True, True, False], [True, True, False],
-                                            [True, True, True]]
+    assert layout["doc_index"][:, :3].tolist() == [[0, 1, 2], [3, 4, 0], [5, 6, 0], [7, 8, 9]]
+    assert layout["doc_valid"][:, :3].tolist() == [[True, True, True], [True, True, False], [True, True, False],
+                                                   [True, True, True]]
+    # Rounded up to a multiple of 4 documents and 16 places: the rest is not valid.
+    assert layout["doc_valid"].shape == (4, 16) and not layout["doc_valid"][:, 3:].any()
+    five = fastpath.doc_layout(torch.tensor([[0, 1, 0, 0, 0, 0]]))
+    assert five["doc_valid"].shape == (8, 16) and five["doc_valid"].sum(1).tolist() == [2, 1, 1, 1, 1, 0, 0, 0]
+
+
+def test_rows_and_kept_positions_are_rounded_up_to_a_few_shapes():
+    """The model sees rows widened to a multiple of 64 tokens (untrained, after every real token, documents no longer
+    than the longest real one) and keeps logits at a multiple of 64 positions; the loss is the same."""
+    model = _tiny_lora(torch.float32)
+    inputs = _packed_batch()  # 90 tokens, 12 documents
+    widened = fastpath.pad_to_multiple(inputs)
+    assert widened["input_ids"].shape == (1, 128) and (widened["labels"][:, 90:] == -100).all()
+    assert widened["position_ids"][0, 90:].tolist() == [i % 12 for i in range(38)]
+    seen = []
+    real = model.base_model.model.forward
+    model.base_model.model.forward = lambda **kw: seen.append((kw["input_ids"].shape, kw["logits_to_keep"].shape)) \
+        or real(**kw)
+    loss, count = fastpath.supervised_nll(model, inputs)
+    model.base_model.model.forward = real
+    assert seen == [(torch.Size([1, 128]), torch.Size([64]))]  # 48 trained positions -> 64
+    assert abs(loss.item() - _plain(model, inputs).item()) <= 1e-5 * loss.item() and int(count) == 48
+    with_mask = {"input_ids": inputs["input_ids"], "attention_mask": torch.ones_like(inputs["input_ids"]),
+                 "labels": inputs["labels"]}
+    widened = fastpath.pad_to_multiple(with_mask)
+    assert widened["attention_mask"][0, 90:].sum() == 0 and widened["attention_mask"][0, :90].all()
 
 
 def test_no_trained_token_gives_a_zero_loss_with_a_gradient():
