@@ -13,6 +13,7 @@ first --rows of the set, one epoch, so both sides see the same tokens) and the s
             would make first.
   finetune  `finetune train recipes/smollm2-135m/sft_lora.yaml` (or sft_qlora.yaml) on those rows.
   (pretrain: recipes/tiny/pretrain.yaml with train.fast_path=false ("plain": transformers' own loss) and true.)
+The TRL sides run without the malloc tunable `finetune` sets for itself (finetune/cli.py), as a user runs TRL.
 
 Printed per side: non-pad input tokens/s in steady state (from the end of step 2 to the last step; loading and
 warm-up are reported apart as seconds to the end of step 2), peak RSS of the training process, MFU, and the
@@ -105,7 +106,7 @@ def run(args) -> None:
     with tempfile.TemporaryDirectory(prefix="finetune-bench-") as work:
         for case in cases:
             for side in SIDES[case.split("-")[0] + ("-lora" if "-lora-" in case else "")]:
-                result = _child(["_side", case, side, str(rows or CASES[case][3]), work])
+                result = _child(["_side", case, side, str(rows or CASES[case][3]), work], plain=side.startswith("trl"))
                 results.append(result)
                 print(json.dumps(result), flush=True)
     peak = max(peak, matmul_flops())
@@ -115,10 +116,19 @@ def run(args) -> None:
         Path(args.out).write_text(table + "\n")
 
 
-def _child(argv: list[str]) -> dict:
-    """One side in a fresh process: its last stdout line is its JSON result; its own peak RSS is added."""
+def _child(argv: list[str], plain: bool = False) -> dict:
+    """One side in a fresh process: its last stdout line is its JSON result. A `plain` side (TRL's) runs with the
+    environment a user would run TRL in: without the malloc tunable `finetune` sets for itself (finetune/cli.py)."""
+    import os
+
+    from finetune.cli import MALLOC_TUNABLE
+
+    env = dict(os.environ)
+    if plain:
+        tunables = [t for t in env.pop("GLIBC_TUNABLES", "").split(":") if t and t != MALLOC_TUNABLE]
+        env.update({"GLIBC_TUNABLES": ":".join(tunables)} if tunables else {})
     proc = subprocess.Popen([sys.executable, "-m", "finetune.bench", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     out, err = proc.communicate()
     if proc.returncode != 0:
         from finetune.errors import FinetuneError

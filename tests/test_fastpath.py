@@ -214,3 +214,34 @@ def test_bench_names_an_unknown_case(capsys):
 
     assert main(["bench", "--cases", "sft-lora-json,nope"]) == 2
     assert "--cases: unknown nope; choose from sft-lora-json, sft-lora-chat" in capsys.readouterr().err
+
+
+def test_malloc_tunable_set_where_it_changes_something(tmp_path):
+    """The command re-executes itself with glibc's huge-page tunable only where transparent huge pages are given on
+    request ("madvise"), keeping a user's own tunables, and never twice or when turned off."""
+    import platform
+    import subprocess
+    import sys
+
+    from finetune.cli import malloc_tunables
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    modes = {}
+    for mode in ("always", "madvise", "never"):
+        modes[mode] = tmp_path / mode
+        modes[mode].write_text(" ".join(f"[{m}]" if m == mode else m for m in ("always", "madvise", "never")))
+    assert malloc_tunables({}, str(modes["madvise"])) == "glibc.malloc.hugetlb=1"
+    assert malloc_tunables({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, str(modes["madvise"])) == \
+        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert malloc_tunables({}, str(modes["always"])) is None and malloc_tunables({}, str(modes["never"])) is None
+    assert malloc_tunables({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, str(modes["madvise"])) is None
+    assert malloc_tunables({"FINETUNE_MALLOC_TUNING": "0"}, str(modes["madvise"])) is None
+    assert malloc_tunables({}, str(tmp_path / "missing")) is None
+    expected = malloc_tunables({})
+    code = ("import os, sys; print(os.environ.get('GLIBC_TUNABLES'), flush=True); sys.argv = ['finetune', '--help'];"
+            "from finetune.cli import main; main()")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("GLIBC_TUNABLES", "FINETUNE_MALLOC_TUNING")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout.splitlines()
+    # This machine: printed once before and once after the re-execution, or once where nothing is to change.
+    assert out[:2] == (["None", expected] if expected else ["None", "usage: finetune [-h] [--debug] VERB ..."])
