@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 # Rows of the [positions x vocabulary] logits turned to fp32 at a time in the loss (512 x 49,152 x 4 bytes: 96 MiB).
 LOSS_CHUNK = 512
+# Below this many bytes of fp32 logits the loss is taken in one piece (chunking's recomputation costs more than it saves).
+LOSS_WHOLE_BYTES = 160 * 2**20
 # Row widths and kept positions are rounded up to a multiple of this, so a run sees a few dozen matmul shapes, not a
 # new one every step: the CPU's oneDNN kernels are built and cached per shape (a new shape costs its build, and the
 # cache held ~1.5 GB more after 40 padding-free steps of varying width).
@@ -108,9 +110,12 @@ def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _chunked_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Each chunk's fp32 log-softmax is recomputed in backward rather than kept: only the head's output stays."""
+    """Each chunk's fp32 log-softmax is recomputed in backward rather than kept: only the head's output stays.
+    Logits that are small in fp32 (a small vocabulary: pretraining's) are taken whole, with nothing recomputed."""
     from torch.utils.checkpoint import checkpoint
 
+    if logits.numel() * 4 <= LOSS_WHOLE_BYTES:
+        return _nll_sum(logits, targets)
     if not torch.is_grad_enabled():  # evaluation: chunk by chunk too
         return sum(_nll_sum(logits[i : i + LOSS_CHUNK], targets[i : i + LOSS_CHUNK])
                    for i in range(0, logits.shape[0], LOSS_CHUNK))

@@ -191,8 +191,12 @@ def test_long_losses_are_chunked_exactly(monkeypatch):
     inputs = _packed_batch(lengths=(40, 50, 30))
     whole, _ = fastpath.supervised_nll(model, inputs)
     monkeypatch.setattr(fastpath, "LOSS_CHUNK", 16)
+    monkeypatch.setattr(fastpath, "LOSS_WHOLE_BYTES", 0)
     chunked, _ = fastpath.supervised_nll(model, inputs)
     torch.testing.assert_close(whole, chunked)
+    (grad_whole,) = torch.autograd.grad(whole, [p for n, p in model.named_parameters() if "lora_B" in n][:1])
+    (grad_chunked,) = torch.autograd.grad(chunked, [p for n, p in model.named_parameters() if "lora_B" in n][:1])
+    torch.testing.assert_close(grad_whole, grad_chunked)
 
 
 def test_sft_trainer_fast_loss_matches_trl_loss(tmp_path, tiny_llama, chat_file):
