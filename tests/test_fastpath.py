@@ -204,13 +204,19 @@ def test_sft_trainer_fast_loss_matches_trl_loss(tmp_path, tiny_llama, chat_file)
     from finetune.stages import runner
     from tests.conftest import tiny_recipe
 
-    recipe = tiny_recipe(tmp_path, tiny_llama, chat_file, data={"packing": True})
+    recipe = tiny_recipe(tmp_path, tiny_llama, chat_file, data={"packing": True, "eval_datasets": [str(chat_file)]})
     trainer = runner.build(recipe).trainer
     batch = next(iter(trainer.get_train_dataloader()))
     fast = type(trainer).compute_loss(trainer, trainer.model, dict(batch))
     plain = type(trainer).__mro__[1].compute_loss(trainer, trainer.model, dict(batch))
     assert "cu_seq_lens_q" in batch  # packed, padding-free
     assert abs(fast.item() - plain.item()) <= 2e-2 * plain.item(), (fast, plain)
+    # Evaluation takes the fast loss too (no every-position logits), and it is TRL's held-out loss.
+    fast_eval = trainer.evaluate()
+    object.__setattr__(recipe.train, "fast_path", False)
+    plain_eval = trainer.evaluate()
+    assert "eval_entropy" not in fast_eval and "eval_entropy" in plain_eval  # TRL's path computed over the vocabulary
+    assert abs(fast_eval["eval_loss"] - plain_eval["eval_loss"]) <= 2e-2 * plain_eval["eval_loss"]
 
 
 def test_bench_names_an_unknown_case(capsys):

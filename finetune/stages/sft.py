@@ -42,7 +42,11 @@ def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, reci
         cover (label smoothing, DFT, a custom loss, MoE router loss, soft-capped logits) is TRL's own path."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if (return_outputs or not recipe.train.fast_path or not fastpath.usable(self.model)
+            # Evaluation asks for the outputs too, but keeps only the loss when there is no compute_metrics: the
+            # held-out loss is then the fast one as well (TRL's computes every position's logits, its entropy
+            # and accuracy: the run's peak memory, with eval batches of 8 rows).
+            loss_only = return_outputs and not model.training and self.compute_metrics is None
+            if ((return_outputs and not loss_only) or not recipe.train.fast_path or not fastpath.usable(self.model)
                     or self.label_smoother is not None or self.compute_loss_func is not None
                     or self.args.loss_type != "nll" or self.aux_loss_enabled):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -56,7 +60,7 @@ def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, reci
                     seen = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
                 self._total_train_tokens += self.accelerator.gather_for_metrics(seen).sum().item() // self._tp_size
             self._metrics["train" if self.model.training else "eval"]["num_tokens"] = [self._total_train_tokens]
-            return loss
+            return (loss, {}) if loss_only else loss
 
     import torch
 
