@@ -1,6 +1,6 @@
 """`finetune bench`: plain TRL defaults and this toolkit's default path, side by side in one run.
 
-    finetune bench [--cases sft-lora-json,sft-lora-chat,sft-qlora-json,sft-qlora-chat,pretrain] [--rows N]
+    finetune bench [--cases sft-lora-json,sft-lora-chat,sft-qlora-json,sft-qlora-chat,pretrain,dpo-lora] [--rows N]
                    [--quick] [--out FILE]
 
 For each case, alternately and each in a fresh process, on the embedded SmolLM2-135M, the same training rows (the
@@ -13,6 +13,9 @@ first --rows of the set, one epoch, so both sides see the same tokens) and the s
             would make first.
   finetune  `finetune train recipes/smollm2-135m/sft_lora.yaml` (or sft_qlora.yaml) on those rows.
   (pretrain: recipes/tiny/pretrain.yaml with train.fast_path=false ("plain": transformers' own loss) and true.)
+  (dpo-lora: TRL's DPOTrainer with its defaults (batch 8, learning rate 1e-6, fp32 weights) and LoRA as above, vs
+  `finetune train recipes/smollm2-135m/dpo_lora.yaml`; both from the base, the reference being the base with the
+  adapter disabled. Held-out: the DPO loss (beta 0.1) of the held-out pairs, one evaluator for both.)
 The TRL sides run without the malloc tunable `finetune` sets for itself (finetune/cli.py), as a user runs TRL.
 
 Printed per side: non-pad input tokens/s in steady state (from the end of step 2 to the last step; loading and
@@ -20,7 +23,7 @@ warm-up are reported apart as seconds to the end of step 2), peak RSS of the tra
 held-out loss after training (assistant tokens of the set's held-out split, the same evaluator for both sides).
 MFU: model FLOPs per second over a 2048 x 2048 bf16 matmul timed in this run (the best of before and after the
 cases); model FLOPs = 4 x parameters x tokens for LoRA/QLoRA (forward and input gradients; the base is frozen) and
-6 x parameters x tokens for pretraining, embeddings counted once (they are the tied head's matmul). MFU is each
+6 x parameters x tokens for pretraining and DPO (the policy's 4 and the reference's forward 2), embeddings counted once (they are the tied head's matmul). MFU is each
 side's share of the matmul-only bound. A JSON line per side and a table at the end; --out writes the table.
 """
 
@@ -44,9 +47,11 @@ CASES = {
     "sft-qlora-json": ("json_extract", True, 512, 160),
     "sft-qlora-chat": ("bench_chat", True, 1024, 64),
     "pretrain": ("scratch_corpus", False, 256, 60),  # rows: optimizer steps of 16 x 256 tokens
+    "dpo-lora": ("json_extract_pref", False, 512, 160),  # rows: preference pairs
 }
 QUICK = {"cases": ["sft-lora-json"], "rows": 64}
-SIDES = {"sft-lora": ["trl", "trl-bf16", "finetune"], "sft": ["trl", "finetune"], "pretrain": ["plain", "finetune"]}
+SIDES = {"sft-lora": ["trl", "trl-bf16", "finetune"], "sft": ["trl", "finetune"], "pretrain": ["plain", "finetune"],
+         "dpo": ["trl", "finetune"]}
 
 
 def matmul_flops(dtype=None, size: int = 2048, seconds: float = 2.0, windows: int = 8) -> float:
@@ -144,7 +149,7 @@ def _table(results: list[dict], peak: float) -> str:
     base = {}
     for r in results:
         base.setdefault(r["case"], r["tokens_per_second"])
-        factor = 4 if r["case"].startswith("sft") else 6
+        factor = 4 if r["case"].startswith("sft") else 6  # dpo: the policy's 4 and the reference's forward 2
         mfu = factor * r["parameters"] * r["tokens_per_second"] / peak
         lines.append(f"| {r['case']} | {r['side']} | {r['tokens_per_second']:.0f} | "
                      f"{r['tokens_per_second'] / base[r['case']]:.2f} | {r['warmup_seconds']:.0f} | "
@@ -170,6 +175,12 @@ def _side(case: str, side: str, rows: int, work: str) -> dict:
     if case == "pretrain":
         result = _ours(case, ["recipes/tiny/pretrain.yaml", f"train.max_steps={rows}", "train.logging_steps=1",
                               f"train.fast_path={side == 'finetune'}"], out)
+    elif case.startswith("dpo") and side == "trl":
+        result = _trl_dpo(case, _rows_file(case, rows, work), out)
+    elif case.startswith("dpo"):  # the reference is the base (adapter disabled), as on TRL's side
+        result = _ours(case, ["recipes/smollm2-135m/dpo_lora.yaml", "model.init_from=null",
+                              f"data.datasets=[{_rows_file(case, rows, work)}]", "train.max_steps=-1",
+                              "train.num_train_epochs=1"], out)
     elif side.startswith("trl"):
         result = _trl(case, _rows_file(case, rows, work), out, bf16_weights=side == "trl-bf16")
     else:
@@ -195,6 +206,8 @@ def _ours(case: str, argv: list[str], out: Path) -> dict:
               "peak_rss_estimate_mib": summary.get("peak_memory_estimate_mib")}
     if case == "pretrain":
         result.update(parameters=summary["parameters"], heldout_loss=summary["eval_loss_after"])
+    elif case.startswith("dpo"):
+        result.update(_heldout_dpo(out / "adapter", CASES[case][0]))
     else:
         result.update(_heldout(out / "adapter", CASES[case][0]))
     return result
@@ -244,6 +257,74 @@ def _trl(case: str, rows_file: Path, out: Path, bf16_weights: bool = False) -> d
     del trainer
     return {**_steady(steps), "peak_rss_mib": round(peak, 1), "steps": len(steps),
             **_heldout(out / "adapter", CASES[case][0])}
+
+
+def _trl_dpo(case: str, rows_file: Path, out: Path) -> dict:
+    """TRL's DPOTrainer with its defaults (batch 8, beta 0.1, learning rate 1e-6, fp32 weights), LoRA as in `_trl`;
+    the reference is the base with the adapter disabled."""
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from finetune.models import resolve_model
+
+    start = time.perf_counter()
+    steps = []
+
+    class Clock(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                steps.append((time.perf_counter() - start, logs["num_tokens"]))
+
+    args = DPOConfig(output_dir=str(out), num_train_epochs=1, logging_steps=1, save_strategy="no", report_to="none",
+                     use_cpu=not torch.cuda.is_available())
+    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                             task_type="CAUSAL_LM")
+    trainer = DPOTrainer(model=resolve_model("embedded:smollm2-135m"), args=args,
+                         train_dataset=load_dataset("json", data_files=str(rows_file), split="train"),
+                         peft_config=peft_config, callbacks=[Clock()])
+    trainer.train()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    trainer.save_model(str(out / "adapter"))
+    del trainer
+    return {**_steady(steps), "peak_rss_mib": round(peak, 1), "steps": len(steps),
+            **_heldout_dpo(out / "adapter", CASES[case][0])}
+
+
+def _heldout_dpo(adapter: Path, dataset: str, beta: float = 0.1) -> dict:
+    """Held-out DPO loss of base + adapter against the base (adapter disabled): the mean of
+    -log sigmoid(beta x ((policy - reference) log p(chosen) - (policy - reference) log p(rejected))) over the set's
+    held-out pairs, log-probabilities of the answer tokens in fp32 (finetune/logprobs.py)."""
+    import math
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from finetune import models
+    from finetune.logprobs import completion_logps
+    from finetune.scratch import parameter_count
+
+    path = models.resolve_model("embedded:smollm2-135m")
+    tokenizer = models.load_tokenizer(path)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    parameters = parameter_count(base)
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    rows = [json.loads(line) for line in (DATA / "data" / dataset / "heldout.jsonl").open()]
+    prompts = [r["prompt"] for r in rows]
+
+    def logps():
+        return [c - r for c, r in zip(completion_logps(model, tokenizer, prompts, [r["chosen"] for r in rows]),
+                                      completion_logps(model, tokenizer, prompts, [r["rejected"] for r in rows]))]
+
+    policy = logps()
+    with model.disable_adapter():
+        reference = logps()
+    losses = [math.log1p(math.exp(-beta * (p - r))) for p, r in zip(policy, reference)]
+    return {"heldout_loss": round(sum(losses) / len(losses), 5), "heldout_pairs": len(rows),
+            "heldout_accuracy": round(sum(p > 0 for p in policy) / len(policy), 4), "parameters": parameters}
 
 
 def _heldout(adapter: Path, dataset: str) -> dict:
