@@ -23,8 +23,9 @@ warm-up are reported apart as seconds to the end of step 2), peak RSS of the tra
 held-out loss after training (assistant tokens of the set's held-out split, the same evaluator for both sides).
 MFU: model FLOPs per second over a 2048 x 2048 bf16 matmul timed in this run (the best of before and after the
 cases); model FLOPs = 4 x parameters x tokens for LoRA/QLoRA (forward and input gradients; the base is frozen) and
-6 x parameters x tokens for pretraining and DPO (the policy's 4 and the reference's forward 2), embeddings counted once (they are the tied head's matmul). MFU is each
-side's share of the matmul-only bound. A JSON line per side and a table at the end; --out writes the table.
+6 x parameters x tokens for pretraining and DPO (the policy's 4 and the reference's forward 2), embeddings
+counted once (they are the tied head's matmul). MFU is each side's share of the matmul-only bound. A JSON line per
+side and a table at the end; --out writes the table.
 """
 
 from __future__ import annotations

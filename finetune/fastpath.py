@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 # Rows of the [positions x vocabulary] logits turned to fp32 at a time in the loss (512 x 49,152 x 4 bytes: 96 MiB).
 LOSS_CHUNK = 512
-# Below this many bytes of fp32 logits the loss is taken in one piece (chunking's recomputation costs more than it saves).
+# Below this many bytes of fp32 logits the loss is taken in one piece (chunking's recomputation costs more than it
+# saves).
 LOSS_WHOLE_BYTES = 160 * 2**20
 # Row widths and kept positions are rounded up to a multiple of this, so a run sees a few dozen matmul shapes, not a
 # new one every step: the CPU's oneDNN kernels are built and cached per shape (a new shape costs its build, and the
@@ -77,8 +78,8 @@ def supervised_nll(model, inputs: dict, num_items_in_batch=None, doc_attention: 
 def pad_to_multiple(inputs: dict, multiple: int = SHAPE_MULTIPLE) -> dict:
     """A batch widened to a multiple of `multiple` tokens: the new positions come after every real token (which,
     under the causal mask, never attends to them), are untrained (-100), masked out where there is an attention
-    mask, and form documents of their own, no longer than the longest real one, where position ids mark documents. Batches with other per-token inputs
-    are left as they are."""
+    mask, and form documents of their own, no longer than the longest real one, where position ids mark documents.
+    Batches with other per-token inputs are left as they are."""
     width = inputs["input_ids"].shape[1]
     pad = -width % multiple
     dropped = ("cu_seq_lens", "max_length", "seq_idx")  # not passed to the model (supervised_nll)
