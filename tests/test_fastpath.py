@@ -65,11 +65,14 @@ def _error(grads, truth):
     return {n: float((grads[n] - truth[n]).norm() / truth[n].norm().clamp(min=1e-12)) for n in truth}
 
 
-def _assert_same(model, inputs, dtype, fast_context=None, per_document=True):
+def _assert_same(model, inputs, dtype, fast_context=None, route="layout"):
+    """`route`: how the fast step attends: "layout" (documents one per row, padded), "documents" (one causal call
+    per document) or "sdpa" (transformers' own, over whole rows)."""
     fastpath.install_attention()
     calls = []
-    real = fastpath._FromDocs.apply
-    fastpath._FromDocs.apply = lambda *a: calls.append(1) or real(*a)
+    real, real_documents = fastpath._FromDocs.apply, fastpath.attend_documents
+    fastpath._FromDocs.apply = lambda *a: calls.append("layout") or real(*a)
+    fastpath.attend_documents = lambda *a: calls.append("documents") or real_documents(*a)
     truth_model = copy.deepcopy(model).float()  # the same weights, computed in fp32 the plain way
     truth_loss = _plain(truth_model, inputs)
     truth = _grads(truth_model, truth_loss)
@@ -79,8 +82,8 @@ def _assert_same(model, inputs, dtype, fast_context=None, per_document=True):
         with fast_context or contextlib.nullcontext():
             fast_loss, count = fastpath.supervised_nll(model, inputs)
     finally:
-        fastpath._FromDocs.apply = real
-    assert len(calls) == (2 if per_document else 0)  # each layer attended per document, or sdpa's whole rows
+        fastpath._FromDocs.apply, fastpath.attend_documents = real, real_documents
+    assert calls == ([] if route == "sdpa" else [route] * 2)  # each of the 2 layers
     fast = _grads(model, fast_loss)
     assert int(count) == int((inputs["labels"][:, 1:] != -100).sum())
     assert fast.keys() == truth.keys() and len(truth) == 2 * 7 * 2  # A and B of 7 modules in 2 layers
@@ -108,7 +111,7 @@ def test_padded_rows_same_loss_and_gradients(dtype):
     mask = torch.ones_like(ids)
     mask[1, 10:], labels[1, 10:] = 0, -100  # the second row is 10 tokens, then padding
     _assert_same(_tiny_lora(dtype), {"input_ids": ids, "attention_mask": mask, "labels": labels}, dtype,
-                 per_document=False)
+                 route="sdpa")
 
 
 def test_fp32_adapter_on_a_bf16_base_computed_under_autocast():
@@ -127,8 +130,20 @@ def test_several_packed_rows_and_multi_query_heads():
     b = _packed_batch(lengths=(3, 5, 4, 5, 6, 7, 4, 6, 4, 4), seed=3)
     inputs = {k: torch.cat([a[k], b[k]]) for k in a}
     _assert_same(_tiny_lora(torch.float32, kv_heads=1), inputs, torch.float32)
-    long_documents = _packed_batch(lengths=(30, 8))  # 4 x 2 x 30^2 > 38^2: sdpa over the row is cheaper
-    _assert_same(_tiny_lora(torch.float32), long_documents, torch.float32, per_document=False)
+    long_documents = _packed_batch(lengths=(30, 8))  # 4 x 2 x 30^2 > 38^2: one causal call per document
+    _assert_same(_tiny_lora(torch.float32), long_documents, torch.float32, route="documents")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_documents_attended_one_call_each(dtype):
+    """Long documents (bench_chat's shape): one causal sdpa call per document, within a row and across rows (a
+    document carried from one row into the next), grouped-query heads."""
+    _assert_same(_tiny_lora(dtype), _packed_batch(lengths=(40, 17, 33)), dtype, route="documents")
+    a, b = _packed_batch(lengths=(25, 39), seed=2), _packed_batch(lengths=(30, 34), seed=3)
+    b["position_ids"][0, :30] += 25  # row 2 starts by continuing row 1's last document
+    inputs = {k: torch.cat([a[k], b[k]]) for k in a}
+    assert fastpath.doc_lengths(inputs["position_ids"]).tolist() == [25, 39, 30, 34]
+    _assert_same(_tiny_lora(dtype, kv_heads=1), inputs, dtype, route="documents")
 
 
 def test_documents_attend_only_to_themselves():
@@ -199,6 +214,23 @@ def test_long_losses_are_chunked_exactly(monkeypatch):
     torch.testing.assert_close(grad_whole, grad_chunked)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_with_its_gradient_in_one_pass(monkeypatch, dtype):
+    """The chunked loss (a real vocabulary's path: gradient computed in the forward, chunk by chunk) learns what the
+    plain step learns, at the module's tolerances; a second backward through it is refused."""
+    monkeypatch.setattr(fastpath, "LOSS_CHUNK", 16)
+    monkeypatch.setattr(fastpath, "LOSS_WHOLE_BYTES", 0)
+    calls = []
+    real = fastpath._ChunkedNLL.apply
+    monkeypatch.setattr(fastpath._ChunkedNLL, "apply", lambda *a: calls.append(1) or real(*a))
+    _assert_same(_tiny_lora(dtype), _packed_batch(), dtype)
+    assert calls == [1]
+    loss, _ = fastpath.supervised_nll(_tiny_lora(dtype), _packed_batch())
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="differentiated once"):
+        loss.backward()
+
+
 def test_sft_trainer_fast_loss_matches_trl_loss(tmp_path, tiny_llama, chat_file):
     """Through the SFT stage's trainer on a real packed batch: the fast loss is TRL's own loss."""
     from finetune.stages import runner
@@ -217,6 +249,32 @@ def test_sft_trainer_fast_loss_matches_trl_loss(tmp_path, tiny_llama, chat_file)
     plain_eval = trainer.evaluate()
     assert "eval_entropy" not in fast_eval and "eval_entropy" in plain_eval  # TRL's path computed over the vocabulary
     assert abs(fast_eval["eval_loss"] - plain_eval["eval_loss"]) <= 2e-2 * plain_eval["eval_loss"]
+
+
+def test_fast_loss_takes_bf16_logits_past_accelerates_fp32_outputs(tmp_path, tiny_llama, chat_file, monkeypatch):
+    """Under bf16 mixed precision accelerate converts the model's outputs to fp32 (a [positions x vocabulary] copy,
+    and an fp32 gradient of that size). The fast step takes the logits in bf16, for the same loss (the conversion is
+    exact), and leaves accelerate's forward in place."""
+    from finetune.stages import runner
+    from tests.conftest import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path, tiny_llama, chat_file, model={"name": str(tiny_llama), "dtype": "bf16"},
+                         data={"packing": True})
+    trainer = runner.build(recipe).trainer
+    model = trainer.accelerator.prepare_model(trainer.model)
+    wrapped = model.forward
+    batch = next(iter(trainer.get_train_dataloader()))
+    dtypes = []
+    real = fastpath._chunked_nll
+    monkeypatch.setattr(fastpath, "_chunked_nll", lambda logits, t: dtypes.append(logits.dtype) or real(logits, t))
+    with fastpath.lora_autocast(model, torch.bfloat16, "cpu"):
+        fast = fastpath.trainer_loss(trainer, model, dict(batch))
+        through_accelerate, _ = fastpath.supervised_nll(model, dict(batch))
+    assert trainer.args.bf16 and dtypes == [torch.bfloat16, torch.float32]
+    assert fast.item() == through_accelerate.item()
+    assert model.forward == wrapped
+    fast.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_bench_names_an_unknown_case(capsys):
