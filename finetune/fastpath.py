@@ -40,6 +40,10 @@ LOSS_WHOLE_BYTES = 160 * 2**20
 SHAPE_MULTIPLE = 64
 # The same for the per-document attention's layout: documents, and the longest document's length.
 LAYOUT_MULTIPLE = (4, 16)
+# What one sdpa call costs beyond its work, in query x key positions: one causal call per document pays only where
+# documents are long (on this project's CPU a 128-token call's backward takes about as long as 256 x 256 positions
+# of a masked row; pretraining's 256-token rows of short stories attend faster as whole rows).
+DOC_CALL_COST = 256**2
 
 
 # ----------------------------------------------------------------------------- 1. logits only where trained
@@ -65,8 +69,8 @@ def supervised_nll(model, inputs: dict, num_items_in_batch=None, doc_attention: 
         batch, length = forward["position_ids"].shape
         if 4 * documents * longest**2 <= batch * length**2:  # pays only where documents are short next to rows
             forward.update(doc_layout(forward["position_ids"]))
-        elif documents > batch:  # long documents: one causal call each (no masked blocks, no padding)
-            forward["doc_lengths"] = lengths.tolist()
+        elif documents > batch and (lengths.double() ** 2).sum() / 2 + documents * DOC_CALL_COST < batch * length**2:
+            forward["doc_lengths"] = lengths.tolist()  # long documents: one causal call each, no masked blocks
     logits = model(**forward, use_cache=False, logits_to_keep=keep).logits  # [batch, kept, vocab]
     picked = targets[:, keep]
     picked[:, kept:] = -100

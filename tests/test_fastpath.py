@@ -130,14 +130,15 @@ def test_several_packed_rows_and_multi_query_heads():
     b = _packed_batch(lengths=(3, 5, 4, 5, 6, 7, 4, 6, 4, 4), seed=3)
     inputs = {k: torch.cat([a[k], b[k]]) for k in a}
     _assert_same(_tiny_lora(torch.float32, kv_heads=1), inputs, torch.float32)
-    long_documents = _packed_batch(lengths=(30, 8))  # 4 x 2 x 30^2 > 38^2: one causal call per document
-    _assert_same(_tiny_lora(torch.float32), long_documents, torch.float32, route="documents")
+    long_documents = _packed_batch(lengths=(30, 8))  # 4 x 2 x 30^2 > 64^2, and calls cost more than 64^2 positions
+    _assert_same(_tiny_lora(torch.float32), long_documents, torch.float32, route="sdpa")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_long_documents_attended_one_call_each(dtype):
+def test_long_documents_attended_one_call_each(dtype, monkeypatch):
     """Long documents (bench_chat's shape): one causal sdpa call per document, within a row and across rows (a
-    document carried from one row into the next), grouped-query heads."""
+    document carried from one row into the next), grouped-query heads. A call's cost scaled to these tiny rows."""
+    monkeypatch.setattr(fastpath, "DOC_CALL_COST", 8**2)
     _assert_same(_tiny_lora(dtype), _packed_batch(lengths=(40, 17, 33)), dtype, route="documents")
     a, b = _packed_batch(lengths=(25, 39), seed=2), _packed_batch(lengths=(30, 34), seed=3)
     b["position_ids"][0, :30] += 25  # row 2 starts by continuing row 1's last document
