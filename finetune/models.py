@@ -180,7 +180,22 @@ def load_model(model_cfg, quant_cfg=None, path: str | None = None, dtype: torch.
     except OSError as e:
         raise FinetuneError(f"could not load model '{path}': {e}") from None
     guard_bnb_cpu(model)
+    if quant_cfg is not None and quant_cfg.bits and not torch.cuda.is_available():
+        _own_unquantized_weights(model)
     return model
+
+
+def _own_unquantized_weights(model) -> None:
+    """Copies the weights left unquantized (embeddings, norms) out of the safetensors file they were read from in
+    place (memory-mapped), so that the file's pages, which also held every weight now quantized, are no longer
+    mapped: 0.2 GB of resident memory for the embedded model in 4-bit, for the 57 MB of its embeddings."""
+    import gc
+
+    for module in model.modules():
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor.dtype.is_floating_point and tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
+    gc.collect()
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None,

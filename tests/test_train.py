@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,6 +85,29 @@ def test_after_generate_every_qlora_tensor_still_gets_a_gradient(tiny_llama):
     lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
     bad = [n for n, p in lora.items() if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum()]
     assert lora and bad == []
+
+
+def test_a_4bit_model_no_longer_maps_its_weights_file(tiny_llama, monkeypatch):
+    """The weights left unquantized are copied out of the safetensors file, so it is unmapped (its pages held every
+    weight, quantized ones too); the embeddings stay tied to the head, and the model computes what it did."""
+    import gc
+
+    from finetune import models
+    from finetune.recipe import ModelConfig, QuantizationConfig
+
+    def load():
+        model = models.load_model(ModelConfig(name=str(tiny_llama)), QuantizationConfig(bits=4))
+        gc.collect()
+        mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(tiny_llama) in line]
+        with torch.no_grad():
+            return model, mapped, model(input_ids=torch.tensor([[5, 6, 7, 8, 9, 10]])).logits
+
+    model, mapped, logits = load()
+    assert mapped == [] and model.lm_head.weight is model.model.embed_tokens.weight
+    monkeypatch.setattr(models, "_own_unquantized_weights", lambda model: None)
+    _, mapped_before, logits_before = load()
+    assert mapped_before  # what the copy removes
+    assert torch.equal(logits, logits_before)
 
 
 def test_interrupt_saves_a_checkpoint_and_resume_continues_from_it(tmp_path, tiny_llama, chat_file):
