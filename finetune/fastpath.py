@@ -7,14 +7,17 @@ the LM head in fp32 over every position, and fp32 copies of every LoRA input. Th
 without changing what is computed for the tokens that are trained:
 
 1. Logits only where the loss is taken: `supervised_nll` asks the model for logits at the positions whose next token
-   is trained (transformers' `logits_to_keep`), in the model's dtype, and takes the cross-entropy in fp32 in chunks
-   (each chunk recomputed in backward), so no [tokens x vocabulary] fp32 tensor exists.
+   is trained (transformers' `logits_to_keep`), in the model's dtype (past accelerate's conversion of outputs to
+   fp32), and takes the cross-entropy in fp32 chunk by chunk with its gradient in the same pass, so no
+   [tokens x vocabulary] fp32 tensor exists and nothing is recomputed.
 2. Attention within each packed document: a packed row (padding-free SFT, pretraining) holds several documents whose
-   position ids restart at 0. `packed_sdpa` lays them out one per row, right-padded, and attends causally there: the
-   cost is about the number of documents times the longest one's squared length, not the row's squared length. It
-   is used where that is under a quarter of the rows' (long packed rows of short documents, as SFT packs them).
-   Right padding under a causal mask leaves every real token's result exact. Batches with an attention mask, and
-   models with soft-capping or sliding windows, use transformers' own sdpa unchanged.
+   position ids restart at 0. Short documents: `packed_sdpa` lays them out one per row, right-padded, and attends
+   causally there: the cost is about the number of documents times the longest one's squared length, not the row's
+   squared length; used where that is under a quarter of the rows' (long packed rows of short documents, as SFT
+   packs them). Right padding under a causal mask leaves every real token's result exact. Long documents: one causal
+   sdpa call each (`attend_documents`), where their triangles and the calls' fixed cost are under the rows' square.
+   Otherwise, and for batches with an attention mask and models with soft-capping or sliding windows, transformers'
+   own sdpa unchanged.
 3. LoRA in the base's dtype: a bf16 base with an fp32 adapter computes its LoRA matmuls under autocast (the adapter
    and its optimizer state stay fp32) instead of copying every input to fp32 for each LoRA layer.
 
@@ -105,7 +108,8 @@ def pad_to_multiple(inputs: dict, multiple: int = SHAPE_MULTIPLE) -> dict:
 def trainer_loss(trainer, model, inputs: dict, num_items_in_batch=None):
     """`supervised_nll` as a Trainer's compute_loss returns it: with `num_items_in_batch` counting every rank's labels,
     scaled by the number of processes, since DDP averages the gradients (as Trainer.compute_loss does)."""
-    with outputs_in_model_dtype(model):
+    mixed = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(trainer.accelerator.mixed_precision))
+    with outputs_in_model_dtype(model, mixed):
         loss, _ = supervised_nll(model, inputs, num_items_in_batch)
     if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
         loss = loss * (trainer.accelerator.num_processes // trainer.get_tp_size())
@@ -113,15 +117,21 @@ def trainer_loss(trainer, model, inputs: dict, num_items_in_batch=None):
 
 
 @contextlib.contextmanager
-def outputs_in_model_dtype(model):
+def outputs_in_model_dtype(model, mixed_precision: torch.dtype | None):
     """Under mixed precision, accelerate wraps the model's forward to autocast it and to convert every bf16/fp16
     output to fp32: the logits too, a [positions x vocabulary] fp32 copy (and so an fp32 gradient of that size) that
-    the chunked loss does not need. Here the forward is the model's own; the fast step autocasts it itself
-    (`lora_autocast`). The model inside a DDP wrapper is the one whose forward is swapped, so DDP still runs."""
+    the chunked loss does not need. Here the forward is the model's own, where the fast step already autocasts to
+    accelerate's dtype (`lora_autocast`) and the forward is accelerate's wrapper and nothing else. The model inside
+    a DDP wrapper is the one whose forward is swapped, so DDP still runs."""
+    from accelerate.utils.operations import ConvertOutputsToFp32
+
     inner = getattr(model, "module", model)
     original = inner.__dict__.get("_original_forward")
     wrapped = inner.__dict__.get("forward")
-    if original is None or wrapped is None or not any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
+    converts = isinstance(getattr(getattr(wrapped, "__func__", wrapped), "__wrapped__", None), ConvertOutputsToFp32)
+    device = next(inner.parameters()).device.type
+    if original is None or not converts or mixed_precision is None or not torch.is_autocast_enabled(device) \
+            or torch.get_autocast_dtype(device) != mixed_precision:
         yield
         return
     inner.forward = original
@@ -154,17 +164,19 @@ class _ChunkedNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets):
-        grad = torch.empty_like(logits)
+        # fp16 would flush small probabilities to zero before the loss scale reaches them: kept in fp32 then.
+        ctx.dtype = logits.dtype
+        grad = torch.empty_like(logits, dtype=torch.float32 if logits.dtype == torch.float16 else logits.dtype)
         total = logits.new_zeros((), dtype=torch.float32)
         for i in range(0, logits.shape[0], LOSS_CHUNK):
             target = targets[i : i + LOSS_CHUNK]
             trained = target != -100
             target = target.clamp(min=0)[:, None]
             logprobs = torch.log_softmax(logits[i : i + LOSS_CHUNK], dim=-1, dtype=torch.float32)
-            total -= (logprobs.gather(1, target)[:, 0] * trained).sum()
+            total -= torch.where(trained, logprobs.gather(1, target)[:, 0], 0.0).sum()
             probs = logprobs.exp_()
             probs.scatter_add_(1, target, probs.new_full(target.shape, -1.0))
-            torch.mul(probs, trained[:, None], out=grad[i : i + LOSS_CHUNK])
+            grad[i : i + LOSS_CHUNK] = probs.masked_fill_(~trained[:, None], 0.0)
         ctx.grad = grad
         return total
 
@@ -173,7 +185,7 @@ class _ChunkedNLL(torch.autograd.Function):
         grad, ctx.grad = ctx.grad, None
         if grad is None:
             raise RuntimeError("the fast step's loss can be differentiated once (no retain_graph)")
-        return grad.mul_(grad_output), None
+        return grad.mul_(grad_output).to(ctx.dtype), None
 
 
 # ----------------------------------------------------------------------------- 2. attention within documents
@@ -294,7 +306,7 @@ def attend_documents(query, key, value, lengths: list[int], scale: float, p_drop
     groups = heads // key.shape[1]
     if groups > 1:
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    if batch > 1:  # documents may run on across rows: one row of every token
+    if batch > 1:  # one row of every token (a document ends where its row does, as in transformers' own mask)
         query, key, value = (t.transpose(0, 1).reshape(1, heads, batch * tokens, dim) for t in (query, key, value))
     parts = zip(*(t.split(lengths, dim=2) for t in (query, key, value)))
     out = torch.cat([F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, scale=scale, is_causal=True)

@@ -141,7 +141,7 @@ def test_long_documents_attended_one_call_each(dtype, monkeypatch):
     monkeypatch.setattr(fastpath, "DOC_CALL_COST", 8**2)
     _assert_same(_tiny_lora(dtype), _packed_batch(lengths=(40, 17, 33)), dtype, route="documents")
     a, b = _packed_batch(lengths=(25, 39), seed=2), _packed_batch(lengths=(30, 34), seed=3)
-    b["position_ids"][0, :30] += 25  # row 2 starts by continuing row 1's last document
+    b["position_ids"][0, :30] += 25  # row 2 starts mid-document: attended within its row, as transformers' mask does
     inputs = {k: torch.cat([a[k], b[k]]) for k in a}
     assert fastpath.doc_lengths(inputs["position_ids"]).tolist() == [25, 39, 30, 34]
     _assert_same(_tiny_lora(dtype, kv_heads=1), inputs, dtype, route="documents")
@@ -232,6 +232,26 @@ def test_chunked_loss_with_its_gradient_in_one_pass(monkeypatch, dtype):
         loss.backward()
 
 
+def test_chunked_loss_ignores_untrained_rows_whatever_their_logits():
+    """A row whose target is -100 adds nothing to the loss or the gradient, even with -inf logits (as
+    F.cross_entropy's ignore_index); fp16 logits keep an fp32 gradient until the loss scale is applied."""
+    logits = torch.randn(5, 7, requires_grad=True)
+    targets = torch.tensor([1, -100, 3, -100, 0])
+    with torch.no_grad():
+        logits[1] = float("-inf")
+    loss = fastpath._ChunkedNLL.apply(logits, targets)
+    (grad,) = torch.autograd.grad(loss * 1e4, logits)
+    keep = targets != -100
+    expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")
+    assert torch.isfinite(loss) and torch.allclose(loss, expected)
+    assert not grad[~keep].any() and torch.isfinite(grad).all()
+    half = torch.full((1, 7), -12.0, dtype=torch.float16, requires_grad=True)
+    with torch.no_grad():
+        half[0, 0] = 12.0  # the other probabilities ~4e-11: zero in fp16, ~0.3 once scaled by 2**30
+    (grad,) = torch.autograd.grad(fastpath._ChunkedNLL.apply(half, torch.tensor([0])) * 2**30, half)
+    assert grad.dtype == torch.float16 and (grad[0, 1:] > 0).all()
+
+
 def test_sft_trainer_fast_loss_matches_trl_loss(tmp_path, tiny_llama, chat_file):
     """Through the SFT stage's trainer on a real packed batch: the fast loss is TRL's own loss."""
     from finetune.stages import runner
@@ -268,14 +288,19 @@ def test_fast_loss_takes_bf16_logits_past_accelerates_fp32_outputs(tmp_path, tin
     dtypes = []
     real = fastpath._chunked_nll
     monkeypatch.setattr(fastpath, "_chunked_nll", lambda logits, t: dtypes.append(logits.dtype) or real(logits, t))
+    trained = [p for p in model.parameters() if p.requires_grad]
     with fastpath.lora_autocast(model, torch.bfloat16, "cpu"):
         fast = fastpath.trainer_loss(trainer, model, dict(batch))
+        fast_grads = torch.autograd.grad(fast, trained)
         through_accelerate, _ = fastpath.supervised_nll(model, dict(batch))
-    assert trainer.args.bf16 and dtypes == [torch.bfloat16, torch.float32]
+        accelerate_grads = torch.autograd.grad(through_accelerate, trained)
+        with fastpath.outputs_in_model_dtype(model, torch.float16):  # not accelerate's dtype: its forward is kept
+            fastpath.supervised_nll(model, dict(batch))
+    assert trainer.args.bf16 and dtypes == [torch.bfloat16, torch.float32, torch.float32]
     assert fast.item() == through_accelerate.item()
     assert model.forward == wrapped
-    fast.backward()
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    for mine, theirs in zip(fast_grads, accelerate_grads):  # one more bf16 rounding of the unscaled gradient
+        assert (mine.float() - theirs.float()).norm() <= 1e-2 * theirs.float().norm()
 
 
 def test_bench_names_an_unknown_case(capsys):
