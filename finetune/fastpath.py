@@ -267,7 +267,7 @@ class _Softmax(torch.autograd.Function):
 def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' sdpa attention, except for packed rows (`doc_index` given by `supervised_nll`): there each
     document attends only to itself. query [batch, heads, tokens, dim] -> [batch, tokens, heads, dim]."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     index, valid = kwargs.pop("doc_index", None), kwargs.pop("doc_valid", None)
     lengths = kwargs.pop("doc_lengths", None)
@@ -282,9 +282,7 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
         return attend_documents(query, key, value, lengths, scale, p_drop), None
     q, k, v = (_ToDocs.apply(t.transpose(0, 1).reshape(t.shape[1], batch * tokens, dim), index, valid)
                for t in (query, key, value))
-    groups = heads // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    k, v = repeat_kv(k, heads // k.shape[1]), repeat_kv(v, heads // v.shape[1])
     if q.is_cuda:  # flash/memory-efficient kernels; exact for right-padded documents under is_causal
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, scale=scale, is_causal=True)
     else:  # the CPU flash kernel's backward is slow at these sizes; bf16 matmuls with an fp32 softmax are not
@@ -303,9 +301,9 @@ def attend_documents(query, key, value, lengths: list[int], scale: float, p_drop
     on bench_chat's 2,048-token rows of 50-940-token documents). query [batch, heads, tokens, dim] ->
     [batch, tokens, heads, dim]."""
     batch, heads, tokens, dim = query.shape
-    groups = heads // key.shape[1]
-    if groups > 1:
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // value.shape[1])
     if batch > 1:  # one row of every token (a document ends where its row does, as in transformers' own mask)
         query, key, value = (t.transpose(0, 1).reshape(1, heads, batch * tokens, dim) for t in (query, key, value))
     parts = zip(*(t.split(lengths, dim=2) for t in (query, key, value)))

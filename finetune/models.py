@@ -192,7 +192,7 @@ def _own_unquantized_weights(model) -> None:
     import gc
 
     for module in model.modules():
-        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        for _, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if tensor.dtype.is_floating_point and tensor.device.type == "cpu":
                 tensor.data = tensor.data.clone()
     gc.collect()
