@@ -74,7 +74,8 @@ def supervised_nll(model, inputs: dict, num_items_in_batch=None, doc_attention: 
             forward.update(doc_layout(forward["position_ids"]))
         elif documents > batch and (lengths.double() ** 2).sum() / 2 + documents * DOC_CALL_COST < batch * length**2:
             forward["doc_lengths"] = lengths.tolist()  # long documents: one causal call each, no masked blocks
-    logits = model(**forward, use_cache=False, logits_to_keep=keep).logits  # [batch, kept, vocab]
+    with lean_blocks(model):
+        logits = model(**forward, use_cache=False, logits_to_keep=keep).logits  # [batch, kept, vocab]
     picked = targets[:, keep]
     picked[:, kept:] = -100
     nll = _chunked_nll(logits.reshape(-1, logits.shape[-1]), picked.reshape(-1))
@@ -282,10 +283,11 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
         return attend_documents(query, key, value, lengths, scale, p_drop), None
     q, k, v = (_ToDocs.apply(t.transpose(0, 1).reshape(t.shape[1], batch * tokens, dim), index, valid)
                for t in (query, key, value))
-    k, v = repeat_kv(k, heads // k.shape[1]), repeat_kv(v, heads // v.shape[1])
     if q.is_cuda:  # flash/memory-efficient kernels; exact for right-padded documents under is_causal
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, scale=scale, is_causal=True)
+        k, v, gqa = _grouped(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, scale=scale, is_causal=True, **gqa)
     else:  # the CPU flash kernel's backward is slow at these sizes; bf16 matmuls with an fp32 softmax are not
+        k, v = repeat_kv(k, heads // k.shape[1]), repeat_kv(v, heads // v.shape[1])
         scores = torch.matmul(q, k.transpose(-1, -2)) * scale
         longest = q.shape[2]
         causal = torch.ones(longest, longest, dtype=torch.bool, device=q.device).tril()
@@ -301,17 +303,31 @@ def attend_documents(query, key, value, lengths: list[int], scale: float, p_drop
     on bench_chat's 2,048-token rows of 50-940-token documents). query [batch, heads, tokens, dim] ->
     [batch, tokens, heads, dim]."""
     batch, heads, tokens, dim = query.shape
-    from transformers.integrations.sdpa_attention import repeat_kv
-
-    key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // value.shape[1])
+    key, value, gqa = _grouped(query, key, value)
     if batch > 1:  # one row of every token (a document ends where its row does, as in transformers' own mask)
-        query, key, value = (t.transpose(0, 1).reshape(1, heads, batch * tokens, dim) for t in (query, key, value))
+        query, key, value = (t.transpose(0, 1).reshape(1, t.shape[1], batch * tokens, dim)
+                             for t in (query, key, value))
     parts = zip(*(t.split(lengths, dim=2) for t in (query, key, value)))
-    out = torch.cat([F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, scale=scale, is_causal=True)
+    out = torch.cat([F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, scale=scale, is_causal=True, **gqa)
                      for q, k, v in parts], dim=2)  # [1 or batch, heads, tokens, dim]
     if batch > 1:
         return out.reshape(heads, batch, tokens, dim).permute(1, 2, 0, 3)
     return out.transpose(1, 2)
+
+
+def _grouped(query, key, value):
+    """Grouped key/value heads for sdpa: passed as they are (`enable_gqa`) where the kernel takes them (the CPU's
+    flash kernel; on CUDA the flash kernel, for bf16/fp16 and head dims up to 256), which keeps a third (SmolLM2) of
+    the repeated copies out of what backward holds; otherwise repeated (transformers' repeat_kv)."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    groups = query.shape[1] // key.shape[1]
+    if groups == 1:
+        return key, value, {}
+    if not query.is_cuda or (torch.backends.cuda.flash_sdp_enabled() and query.dtype in (torch.bfloat16, torch.float16)
+                             and query.shape[-1] <= 256):
+        return key, value, {"enable_gqa": True}
+    return repeat_kv(key, groups), repeat_kv(value, groups), {}
 
 
 _installed = False
@@ -327,7 +343,92 @@ def install_attention() -> None:
         _installed = True
 
 
-# ----------------------------------------------------------------------------- 3. LoRA in the base's dtype
+# ----------------------------------------------------------------------------- 3. lean blocks
+
+
+class _RMSNorm(torch.autograd.Function):
+    """transformers' Llama-family RMSNorm (fp32 statistics, the weight applied in the input's dtype), keeping for
+    backward its input in that dtype and the per-token inverse RMS, instead of the fp32 copy of its input. Forward
+    and backward are the same operations as autograd's on the module's own forward, in the same order."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x32 = x.to(torch.float32)
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, rstd, weight)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, rstd, weight = ctx.saved_tensors
+        x32 = x.to(torch.float32)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * (x32 * rstd).to(x.dtype)).sum_to_size(weight.shape).to(weight.dtype)
+        g = (grad * weight).to(x.dtype).to(torch.float32)  # through `weight * h.to(dtype)`
+        g_rstd = (g * x32).sum(-1, keepdim=True)
+        g_var = -0.5 * g_rstd * rstd.pow(3)  # rsqrt's derivative, as autograd writes it
+        g_x = g * rstd + g_var.expand_as(x32) / x32.shape[-1] * (2.0 * x32)  # mean's, then pow's
+        return g_x.to(x.dtype), grad_weight, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up, keeping gate and up for backward (silu recomputed there) instead of also silu's output:
+    the same operations as autograd's, a third less of the MLP's activations held."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+
+
+def _rmsnorm_forward(self, hidden_states):
+    return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _swiglu_forward(self, x):
+    return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def _same_code(function, reference) -> bool:
+    code, ref = getattr(function, "__code__", None), reference.__code__
+    return code is not None and (code.co_code, code.co_consts, code.co_names) == (ref.co_code, ref.co_consts,
+                                                                                ref.co_names)
+
+
+@contextlib.contextmanager
+def lean_blocks(model):
+    """The model's forward with RMSNorms and SiLU-gated MLPs whose code is transformers' Llama one (Llama, Qwen2/3,
+    Mistral, SmolLM2 copy it) computed by `_RMSNorm` and `_SwiGLU`: the same values, less held for backward (on
+    SmolLM2, 44 -> ~32 bytes per token, layer and hidden unit with the grouped-head attention above). Other modules
+    are left as they are."""
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    swapped = []
+    for module in model.modules():
+        forward = type(module).forward
+        if _same_code(forward, LlamaRMSNorm.forward):
+            swapped.append((module, _rmsnorm_forward))
+        elif _same_code(forward, LlamaMLP.forward) and type(getattr(module, "act_fn", None)).__name__ in (
+                "SiLUActivation", "SiLU"):
+            swapped.append((module, _swiglu_forward))
+    for module, forward in swapped:
+        if "forward" not in module.__dict__:  # a forward already replaced on the module (a hook's) stays
+            module.forward = forward.__get__(module)
+    try:
+        yield
+    finally:
+        for module, forward in swapped:
+            if getattr(module.__dict__.get("forward"), "__func__", None) is forward:
+                del module.forward
+
+
+# ----------------------------------------------------------------------------- 4. LoRA in the base's dtype
 
 
 @contextlib.contextmanager
