@@ -1,7 +1,7 @@
 """`finetune bench`: plain TRL defaults and this toolkit's default path, side by side in one run.
 
     finetune bench [--cases sft-lora-json,sft-lora-chat,sft-qlora-json,sft-qlora-chat,pretrain,dpo-lora] [--rows N]
-                   [--quick] [--out FILE]
+                   [--quick] [--out FILE] [--model PATH] [--max-steps N] [--sides trl,finetune] [--set KEY=VALUE ...]
 
 For each case, alternately and each in a fresh process, on the embedded SmolLM2-135M, the same training rows (the
 first --rows of the set, one epoch, so both sides see the same tokens) and the same LoRA rank and targets:
@@ -26,6 +26,13 @@ cases); model FLOPs = 4 x parameters x tokens for LoRA/QLoRA (forward and input 
 6 x parameters x tokens for pretraining and DPO (the policy's 4 and the reference's forward 2), embeddings
 counted once (they are the tied head's matmul). MFU is each side's share of the matmul-only bound. A JSON line per
 side and a table at the end; --out writes the table.
+
+On CUDA (the same command; benchmarks/cuda.sh is how the README's GPU figures were made): --model names a model
+folder used on every side instead of the embedded model (e.g. a random-init model of a real shape: speed does not
+depend on the weights, so the held-out loss is not computed), --max-steps trains that many optimizer steps on every
+side (the rows repeated as needed) instead of one epoch, --sides picks sides, --set passes recipe overrides to the
+finetune side. The peak column is then the peak allocated GPU memory, and the matmul rate the best of 2048 and 8192
+squares (a GPU reaches its peak only at the larger), so MFU is the share of the larger.
 """
 
 from __future__ import annotations
@@ -97,6 +104,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, help="training rows per case (pretrain: steps); default per case")
     parser.add_argument("--quick", action="store_true", help="one case (LoRA SFT on json_extract), 64 rows: ~3 min")
     parser.add_argument("--out", help="also write the table (Markdown) to this file")
+    parser.add_argument("--model", help="a model folder for every side instead of the embedded SmolLM2 (held-out "
+                                        "loss not computed)")
+    parser.add_argument("--max-steps", type=int, help="optimizer steps per side (rows repeated) instead of one epoch")
+    parser.add_argument("--sides", help="comma-separated sides to run (trl, trl-bf16, finetune, plain)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe override for the finetune side (repeatable)")
 
 
 def run(args) -> None:
@@ -107,19 +120,33 @@ def run(args) -> None:
     if unknown:
         raise FinetuneError(f"--cases: unknown {', '.join(unknown)}; choose from {', '.join(CASES)}")
     rows = QUICK["rows"] if args.quick and not args.rows else args.rows
-    peak = matmul_flops()
+    options = {"model": args.model, "max_steps": args.max_steps, "set": args.set}
+    if args.max_steps and not args.rows:
+        rows = 10**6  # every row of the set, repeated for the steps
+    wanted = set(args.sides.split(",")) if args.sides else None
+    rates = _matmul_rates()
     results = []
     with tempfile.TemporaryDirectory(prefix="finetune-bench-") as work:
         for case in cases:
             for side in SIDES[case.split("-")[0] + ("-lora" if "-lora-" in case else "")]:
-                result = _child(["_side", case, side, str(rows or CASES[case][3]), work], plain=side.startswith("trl"))
+                if wanted and side not in wanted:
+                    continue
+                result = _child(["_side", case, side, str(rows or CASES[case][3]), work, json.dumps(options)],
+                                plain=side.startswith("trl"))
                 results.append(result)
                 print(json.dumps(result), flush=True)
-    peak = max(peak, matmul_flops())
-    table = _table(results, peak)
+    rates = {size: max(rate, again) for (size, rate), again in zip(rates.items(), _matmul_rates().values())}
+    table = _table(results, rates)
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n")
+
+
+def _matmul_rates() -> dict[int, float]:
+    """bf16 matmul rates by square size: 2048 (the CPU's denominator), and on CUDA also 8192."""
+    import torch
+
+    return {size: matmul_flops(size=size) for size in ((2048, 8192) if torch.cuda.is_available() else (2048,))}
 
 
 def _child(argv: list[str], plain: bool = False) -> dict:
@@ -143,18 +170,25 @@ def _child(argv: list[str], plain: bool = False) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _table(results: list[dict], peak: float) -> str:
-    lines = [f"bf16 matmul 2048x2048 measured in this run: {peak / 1e12:.2f} TFLOP/s", "",
-             "| case | side | steady tokens/s | x plain | seconds to step 2 | peak RSS (GB) | MFU | held-out loss |",
-             "|---|---|---|---|---|---|---|---|"]
+def _table(results: list[dict], rates: dict[int, float]) -> str:
+    peak = max(rates.values())
+    gpu = any("peak_gpu_mib" in r for r in results)
+    measured = ", ".join(f"{size}x{size} {rate / 1e12:.2f}" for size, rate in rates.items())
+    memory = "GPU memory" if gpu else "RSS"
+    lines = [f"bf16 matmul measured in this run (TFLOP/s): {measured}; MFU against {peak / 1e12:.2f}", "",
+             f"| case | side | steady tokens/s | x plain | seconds to step 2 | peak {memory} (GB) | tokens per step "
+             "| MFU | held-out loss |",
+             "|---|---|---|---|---|---|---|---|---|"]
     base = {}
     for r in results:
         base.setdefault(r["case"], r["tokens_per_second"])
         factor = 4 if r["case"].startswith("sft") else 6  # dpo: the policy's 4 and the reference's forward 2
         mfu = factor * r["parameters"] * r["tokens_per_second"] / peak
+        held = f"{r['heldout_loss']:.4f}" if r.get("heldout_loss") is not None else "-"
         lines.append(f"| {r['case']} | {r['side']} | {r['tokens_per_second']:.0f} | "
                      f"{r['tokens_per_second'] / base[r['case']]:.2f} | {r['warmup_seconds']:.0f} | "
-                     f"{r['peak_rss_mib'] / 1024:.2f} | {mfu:.1%} | {r['heldout_loss']:.4f} |")
+                     f"{r.get('peak_gpu_mib', r['peak_rss_mib']) / 1024:.2f} | {r.get('tokens_per_step') or '-'} | "
+                     f"{mfu:.1%} | {held} |")
     return "\n".join(lines)
 
 
@@ -170,28 +204,31 @@ def _rows_file(case: str, rows: int, work: Path) -> Path:
     return path
 
 
-def _side(case: str, side: str, rows: int, work: str) -> dict:
+def _side(case: str, side: str, rows: int, work: str, options: dict) -> dict:
     work = Path(work)
     out = work / f"{case}-{side}"
+    model, steps = options.get("model"), options.get("max_steps")
+    extra = [*([f"model.name={model}"] if model else []), *([f"train.max_steps={steps}"] if steps else []),
+             *options.get("set", [])]
     if case == "pretrain":
-        result = _ours(case, ["recipes/tiny/pretrain.yaml", f"train.max_steps={rows}", "train.logging_steps=1",
-                              f"train.fast_path={side == 'finetune'}"], out)
+        result = _ours(case, ["recipes/tiny/pretrain.yaml", f"train.max_steps={steps or rows}", "train.logging_steps=1",
+                              f"train.fast_path={side == 'finetune'}", *options.get("set", [])], out, None)
     elif case.startswith("dpo") and side == "trl":
-        result = _trl_dpo(case, _rows_file(case, rows, work), out)
+        result = _trl_dpo(case, _rows_file(case, rows, work), out, model, steps)
     elif case.startswith("dpo"):  # the reference is the base (adapter disabled), as on TRL's side
         result = _ours(case, ["recipes/smollm2-135m/dpo_lora.yaml", "model.init_from=null",
                               f"data.datasets=[{_rows_file(case, rows, work)}]", "train.max_steps=-1",
-                              "train.num_train_epochs=1"], out)
+                              "train.num_train_epochs=1", *extra], out, model)
     elif side.startswith("trl"):
-        result = _trl(case, _rows_file(case, rows, work), out, bf16_weights=side == "trl-bf16")
+        result = _trl(case, _rows_file(case, rows, work), out, model, steps, bf16_weights=side == "trl-bf16")
     else:
         recipe = "recipes/smollm2-135m/" + ("sft_qlora.yaml" if CASES[case][1] else "sft_lora.yaml")
         result = _ours(case, [recipe, f"data.datasets=[{_rows_file(case, rows, work)}]",
-                              f"data.max_length={CASES[case][2]}"], out)
-    return {"case": case, "side": side, "rows": rows, **result}
+                              f"data.max_length={CASES[case][2]}", *extra], out, model)
+    return {"case": case, "side": side, "rows": rows, "model": model or "embedded:smollm2-135m", **result}
 
 
-def _ours(case: str, argv: list[str], out: Path) -> dict:
+def _ours(case: str, argv: list[str], out: Path, model: str | None) -> dict:
     cmd = [sys.executable, "-m", "finetune", "train", *argv, "data.eval_datasets=[]", "train.save_steps=100000",
            f"output_dir={out}", "overwrite=true"]
     if case == "pretrain":
@@ -205,8 +242,12 @@ def _ours(case: str, argv: list[str], out: Path) -> dict:
     summary = run["summary"]
     result = {**_steady(steps), "peak_rss_mib": summary["peak_memory_mib"], "steps": summary["steps"],
               "peak_rss_estimate_mib": summary.get("peak_memory_estimate_mib")}
+    if run.get("device", "").startswith("cuda"):
+        result["peak_gpu_mib"] = result.pop("peak_rss_mib")
     if case == "pretrain":
         result.update(parameters=summary["parameters"], heldout_loss=summary["eval_loss_after"])
+    elif model:  # a model of real shape, not of real weights: its held-out loss says nothing
+        result.update(parameters=_parameters(model))
     elif case.startswith("dpo"):
         result.update(_heldout_dpo(out / "adapter", CASES[case][0]))
     else:
@@ -214,14 +255,26 @@ def _ours(case: str, argv: list[str], out: Path) -> dict:
     return result
 
 
+def _parameters(model: str) -> int:
+    """The model's parameter count (embeddings once), from its config, without loading its weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from finetune.scratch import parameter_count
+
+    with torch.device("meta"):
+        return parameter_count(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)))
+
+
 def _steady(steps: list[tuple[float, float]]) -> dict:
     """tokens/s from the end of step 2 to the last step (the first steps build kernels and fill caches)."""
     (t0, n0), (t1, n1) = steps[1], steps[-1]
     return {"tokens_per_second": round((n1 - n0) / (t1 - t0), 1), "warmup_seconds": round(t0, 1),
-            "tokens": n1}
+            "tokens": n1, "tokens_per_step": round(n1 / len(steps))}
 
 
-def _trl(case: str, rows_file: Path, out: Path, bf16_weights: bool = False) -> dict:
+def _trl(case: str, rows_file: Path, out: Path, model: str | None, steps: int | None,
+         bf16_weights: bool = False) -> dict:
     import torch
     from trl import SFTConfig, SFTTrainer
 
@@ -233,24 +286,27 @@ def _trl(case: str, rows_file: Path, out: Path, bf16_weights: bool = False) -> d
                                                          bnb_4bit_use_double_quant=True,
                                                          bnb_4bit_compute_dtype=torch.bfloat16)
     args = SFTConfig(output_dir=str(out), num_train_epochs=1, logging_steps=1, save_strategy="no", report_to="none",
-                     use_cpu=not torch.cuda.is_available(), model_init_kwargs=init or None)
-    return {**_train_trl(SFTTrainer, args, rows_file, out), **_heldout(out / "adapter", CASES[case][0])}
+                     use_cpu=not torch.cuda.is_available(), model_init_kwargs=init or None, max_steps=steps or -1)
+    result = _train_trl(SFTTrainer, args, rows_file, out, model)
+    return {**result, **(_heldout(out / "adapter", CASES[case][0]) if not model else {})}
 
 
-def _trl_dpo(case: str, rows_file: Path, out: Path) -> dict:
+def _trl_dpo(case: str, rows_file: Path, out: Path, model: str | None, steps: int | None) -> dict:
     """TRL's DPOTrainer with its defaults (batch 8, beta 0.1, learning rate 1e-6, fp32 weights), LoRA as in `_trl`;
     the reference is the base with the adapter disabled."""
     import torch
     from trl import DPOConfig, DPOTrainer
 
     args = DPOConfig(output_dir=str(out), num_train_epochs=1, logging_steps=1, save_strategy="no", report_to="none",
-                     use_cpu=not torch.cuda.is_available())
-    return {**_train_trl(DPOTrainer, args, rows_file, out), **_heldout_dpo(out / "adapter", CASES[case][0])}
+                     use_cpu=not torch.cuda.is_available(), max_steps=steps or -1)
+    result = _train_trl(DPOTrainer, args, rows_file, out, model)
+    return {**result, **(_heldout_dpo(out / "adapter", CASES[case][0]) if not model else {})}
 
 
-def _train_trl(trainer_class, args, rows_file: Path, out: Path) -> dict:
+def _train_trl(trainer_class, args, rows_file: Path, out: Path, model: str | None = None) -> dict:
     """One TRL trainer on the embedded model and the rows, LoRA r16 alpha 32 dropout 0.05 all-linear as TRL's
     documentation shows; steady tokens/s from its logged num_tokens, the process's peak RSS; the adapter saved."""
+    import torch
     from datasets import load_dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -267,14 +323,16 @@ def _train_trl(trainer_class, args, rows_file: Path, out: Path) -> dict:
 
     peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                              task_type="CAUSAL_LM")
-    trainer = trainer_class(model=resolve_model("embedded:smollm2-135m"), args=args,
+    trainer = trainer_class(model=model or resolve_model("embedded:smollm2-135m"), args=args,
                             train_dataset=load_dataset("json", data_files=str(rows_file), split="train"),
                             peft_config=peft_config, callbacks=[Clock()])
     trainer.train()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        peak["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     trainer.save_model(str(out / "adapter"))
     del trainer
-    return {**_steady(steps), "peak_rss_mib": round(peak, 1), "steps": len(steps)}
+    return {**_steady(steps), **peak, "steps": len(steps), **({"parameters": _parameters(model)} if model else {})}
 
 
 def _heldout_dpo(adapter: Path, dataset: str, beta: float = 0.1) -> dict:
@@ -342,4 +400,5 @@ def _heldout(adapter: Path, dataset: str) -> dict:
 
 if __name__ == "__main__":
     if sys.argv[1] == "_side":
-        print(json.dumps(_side(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])), flush=True)
+        print(json.dumps(_side(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], json.loads(sys.argv[6]))),
+              flush=True)

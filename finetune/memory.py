@@ -72,6 +72,31 @@ def estimate(trainer, recipe, prepared) -> dict:
     return parts
 
 
+def fit_cuda_batch(trainer, recipe, prepared, tokens_per_step: int | None, share: float = 0.85) -> str | None:
+    """On CUDA, packed SFT: the per-device batch raised from the recipe's to `tokens_per_step` tokens (batch x
+    max_length), or to as many rows as the estimate above fits in `share` of the GPU's free memory, whichever is
+    fewer; never below the recipe's batch. Returns what was done, for the log (None: nothing)."""
+    if tokens_per_step is None or not torch.cuda.is_available() or recipe.train.stage != "sft" \
+            or not recipe.data.packing:
+        return None
+    args = trainer.args
+    batch, length = args.per_device_train_batch_size, recipe.data.max_length or 1024
+    now = estimate(trainer, recipe, prepared)
+    per_row = (now["activations"] + now["logits"]) / batch  # MiB, linear in the rows of a step
+    free = torch.cuda.mem_get_info()[0] / 2**20
+    fits = int((share * free - now["gradients_and_optimizer"]) // per_row) if per_row > 0 else batch
+    wanted = max(1, tokens_per_step // length)
+    chosen = max(batch, min(wanted, fits))
+    if chosen == batch:
+        return None
+    args.per_device_train_batch_size = chosen
+    trainer._train_batch_size = args.train_batch_size  # what Trainer built from the batch size (its dataloader's)
+    limit = ("train.gpu_tokens_per_step" if chosen == wanted
+             else f"the estimate in {share:.0%} of {free / 1024:.1f} GiB free")
+    return (f"CUDA: per-device batch {batch} -> {chosen} ({chosen * length:,} tokens per step; {limit}; "
+            "train.gpu_tokens_per_step: null keeps the recipe's)")
+
+
 def _longest(dataset, sample: int = 5000) -> int | None:
     """The longest tokenized row among the first `sample` rows (a pair: prompt + its longer answer)."""
     columns = set(getattr(dataset, "column_names", None) or [])

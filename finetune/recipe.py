@@ -170,6 +170,11 @@ class TrainConfig:
     fast_path: bool = field_spec(True, "SFT and pretraining: logits only where the loss is taken, attention within "
                                        "each packed document, LoRA in the base's dtype (finetune/fastpath.py). "
                                        "false: the plain TRL/transformers step.")
+    gpu_tokens_per_step: int | None = field_spec(
+        16384, "On CUDA, packed SFT: the per-device batch is raised to this many tokens per step (batch x "
+               "data.max_length), or to what the memory estimate fits in 85% of the GPU's free memory if fewer; never "
+               "below per_device_train_batch_size, which the CPU keeps (finetune bench: small batches are fastest "
+               "there). Fewer, larger steps per epoch. null: the recipe's batch on GPUs too.", minimum=1)
     # Everything else under `train` is a field of the stage's TRL config, kept here after checking.
     args: dict[str, Any] = field_spec({}, "Arguments of the stage's TRL config.")
 

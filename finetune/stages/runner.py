@@ -172,6 +172,9 @@ def build(recipe: Recipe, callbacks=()) -> Built:
                 "names of this model (e.g. q_proj, v_proj) or all-linear"
             ) from None
         raise
+    fitted = memory.fit_cuda_batch(trainer, recipe, prepared, recipe.train.gpu_tokens_per_step)
+    if fitted and state.is_main_process:
+        print(fitted, flush=True)
     console.use_console_line(trainer, run_callback.tokens_per_second)
     guard.install(trainer)
     checkpoints.install(trainer)
