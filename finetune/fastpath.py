@@ -32,8 +32,10 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-# Rows of the [positions x vocabulary] logits turned to fp32 at a time in the loss (512 x 49,152 x 4 bytes: 96 MiB).
+# Rows of the [positions x vocabulary] logits turned to fp32 at a time in the loss (512 x 49,152 x 4 bytes: 96 MiB);
+# on CUDA more at a time (larger matmuls; 384 MiB).
 LOSS_CHUNK = 512
+LOSS_CHUNK_CUDA = 2048
 # Below this many bytes of fp32 logits the loss is taken in one piece (chunking's recomputation costs more than it
 # saves).
 LOSS_WHOLE_BYTES = 160 * 2**20
@@ -74,11 +76,18 @@ def supervised_nll(model, inputs: dict, num_items_in_batch=None, doc_attention: 
             forward.update(doc_layout(forward["position_ids"]))
         elif documents > batch and (lengths.double() ** 2).sum() / 2 + documents * DOC_CALL_COST < batch * length**2:
             forward["doc_lengths"] = lengths.tolist()  # long documents: one causal call each, no masked blocks
-    with lean_blocks(model):
-        logits = model(**forward, use_cache=False, logits_to_keep=keep).logits  # [batch, kept, vocab]
     picked = targets[:, keep]
     picked[:, kept:] = -100
-    nll = _chunked_nll(logits.reshape(-1, logits.shape[-1]), picked.reshape(-1))
+    head = _plain_head(model)
+    if head is not None and torch.is_grad_enabled() and picked.numel() * head.out_features * 4 > LOSS_WHOLE_BYTES:
+        # The head's matmul moves into the loss: chunk by chunk, so not even the logits are held whole.
+        with lean_blocks(model), _head_skipped(head):
+            hidden = model(**forward, use_cache=False, logits_to_keep=keep).logits  # [batch, kept, hidden]
+        nll = _ChunkedNLL.apply(hidden.reshape(-1, hidden.shape[-1]), picked.reshape(-1), head.weight)
+    else:
+        with lean_blocks(model):
+            logits = model(**forward, use_cache=False, logits_to_keep=keep).logits  # [batch, kept, vocab]
+        nll = _chunked_nll(logits.reshape(-1, logits.shape[-1]), picked.reshape(-1))
     count = trained.sum()
     divisor = count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     return nll / divisor, count
@@ -161,32 +170,79 @@ class _ChunkedNLL(torch.autograd.Function):
     """Summed cross-entropy whose gradient (softmax - one-hot, zero where the target is -100) is computed chunk by
     chunk in the forward, in fp32, and kept in the logits' dtype: the logits are not kept, nothing is recomputed, and
     the backward is one multiplication (a checkpoint per chunk instead computed each chunk's softmax twice and built
-    a full-size zero gradient for every chunk). The graph can be run backward once."""
+    a full-size zero gradient for every chunk). The graph can be run backward once.
+
+    With the head's `weight`, `x` is the hidden states and each chunk's logits are computed here (as the head
+    computes them: its matmul, under the autocast in force), so no [positions x vocabulary] tensor exists at all;
+    what is kept is the gradient of the hidden states (and of the weight, where it is trained: pretraining)."""
 
     @staticmethod
-    def forward(ctx, logits, targets):
+    def forward(ctx, x, targets, weight=None):
+        device = x.device.type
+        ctx.weight_dtype = None if weight is None else weight.dtype
+        if weight is not None and torch.is_autocast_enabled(device):
+            weight = weight.to(torch.get_autocast_dtype(device))
+        dtype = x.dtype if weight is None else weight.dtype  # the logits'
         # fp16 would flush small probabilities to zero before the loss scale reaches them: kept in fp32 then.
-        ctx.dtype = logits.dtype
-        grad = torch.empty_like(logits, dtype=torch.float32 if logits.dtype == torch.float16 else logits.dtype)
-        total = logits.new_zeros((), dtype=torch.float32)
-        for i in range(0, logits.shape[0], LOSS_CHUNK):
-            target = targets[i : i + LOSS_CHUNK]
+        grad_dtype = torch.float32 if dtype == torch.float16 else dtype
+        ctx.dtype = x.dtype
+        grad_x = torch.empty_like(x, dtype=grad_dtype)
+        trains_weight = weight is not None and ctx.needs_input_grad[2]
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if trains_weight else None
+        chunk = LOSS_CHUNK_CUDA if x.is_cuda else LOSS_CHUNK
+        total = x.new_zeros((), dtype=torch.float32)
+        for i in range(0, x.shape[0], chunk):
+            target = targets[i : i + chunk]
             trained = target != -100
             target = target.clamp(min=0)[:, None]
-            logprobs = torch.log_softmax(logits[i : i + LOSS_CHUNK], dim=-1, dtype=torch.float32)
+            rows = x[i : i + chunk]
+            logits = rows if weight is None else F.linear(rows.to(dtype), weight)
+            logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+            del logits
             total -= torch.where(trained, logprobs.gather(1, target)[:, 0], 0.0).sum()
             probs = logprobs.exp_()
             probs.scatter_add_(1, target, probs.new_full(target.shape, -1.0))
-            grad[i : i + LOSS_CHUNK] = probs.masked_fill_(~trained[:, None], 0.0)
-        ctx.grad = grad
+            grad = probs.masked_fill_(~trained[:, None], 0.0).to(grad_dtype)
+            del probs, logprobs
+            if weight is None:
+                grad_x[i : i + chunk] = grad
+                continue
+            grad_x[i : i + chunk] = grad @ weight.to(grad_dtype)  # the head's backward, as autograd's linear
+            if trains_weight:
+                grad_w += (grad.T @ rows.to(grad_dtype)).float()
+        ctx.grads = (grad_x, grad_w)
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad, ctx.grad = ctx.grad, None
-        if grad is None:
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
             raise RuntimeError("the fast step's loss can be differentiated once (no retain_graph)")
-        return grad.mul_(grad_output).to(ctx.dtype), None
+        grad_x, grad_w = grads
+        if grad_w is not None:
+            grad_w = grad_w.mul_(grad_output).to(ctx.weight_dtype)
+        return grad_x.mul_(grad_output).to(ctx.dtype), None, grad_w
+
+
+def _plain_head(model):
+    """The causal LM's output layer where the fast loss can take over its matmul: a plain linear layer without bias
+    (not adapted by LoRA, not a peft wrapper). None otherwise."""
+    inner = getattr(model, "module", model)
+    try:
+        head = inner.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return head if type(head) is torch.nn.Linear and head.bias is None else None
+
+
+@contextlib.contextmanager
+def _head_skipped(head):
+    """The model's forward returns, as its "logits", the hidden states the head would read."""
+    head.forward = lambda hidden: hidden
+    try:
+        yield
+    finally:
+        del head.forward
 
 
 # ----------------------------------------------------------------------------- 2. attention within documents

@@ -223,13 +223,39 @@ def test_chunked_loss_with_its_gradient_in_one_pass(monkeypatch, dtype):
     monkeypatch.setattr(fastpath, "LOSS_WHOLE_BYTES", 0)
     calls = []
     real = fastpath._ChunkedNLL.apply
-    monkeypatch.setattr(fastpath._ChunkedNLL, "apply", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(fastpath._ChunkedNLL, "apply", lambda *a: calls.append(a[0].shape[-1]) or real(*a))
     _assert_same(_tiny_lora(dtype), _packed_batch(), dtype)
-    assert calls == [1]
+    assert calls == [64]  # hidden states and the head's weight: the logits are computed chunk by chunk inside
     loss, _ = fastpath.supervised_nll(_tiny_lora(dtype), _packed_batch())
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="differentiated once"):
         loss.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_through_a_trained_tied_head(monkeypatch, dtype):
+    """Every weight trained (pretraining), the head tied to the embeddings: the head's matmul inside the chunked
+    loss gives the tied weight its head gradient (added to the embedding's), as the plain step does."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    monkeypatch.setattr(fastpath, "LOSS_CHUNK", 16)
+    monkeypatch.setattr(fastpath, "LOSS_WHOLE_BYTES", 0)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         initializer_range=0.1, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    inputs = _packed_batch()
+    truth_model = copy.deepcopy(model).float()
+    truth = _grads(truth_model, _plain(truth_model, inputs))
+    plain = _grads(model, _plain(model, inputs))
+    fast = _grads(model, fastpath.supervised_nll(model, inputs)[0])
+    assert fast.keys() == truth.keys() and "lm_head.weight" not in fast and "model.embed_tokens.weight" in fast
+    fast_err, plain_err = _error(fast, truth), _error(plain, truth)
+    for name in truth:
+        limit = 1e-5 if dtype == torch.float32 else 2 * plain_err[name] + 1e-3
+        assert fast_err[name] <= limit, (name, fast_err[name], plain_err[name])
 
 
 def test_chunked_loss_ignores_untrained_rows_whatever_their_logits():
