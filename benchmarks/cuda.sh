@@ -2,11 +2,12 @@
 # `finetune bench` on a CUDA machine with random-init models of real shapes (benchmarks/random_models.py), as the
 # README's GPU figures were made. Run from the repository root with the dependencies importable:
 #   bash benchmarks/cuda.sh TOKDIR OUTDIR
-# TOKDIR: SmolLM2-135M's tokenizer and config files (see random_models.py). Tables go to OUTDIR/*.md.
+# TOKDIR: SmolLM2-135M's tokenizer and config files (see random_models.py). Tables go to OUTDIR/*.md; the models
+# to $MODELS (default: a new temporary folder).
 set -u
 TOKDIR=$1; OUT=${2:-bench-cuda}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-MODELS=$(mktemp -d)
+MODELS=${MODELS:-$(mktemp -d)}
 python3 benchmarks/random_models.py "$TOKDIR" "$MODELS" --big || exit 1
 bench() { local name=$1; shift; echo "== $name: $*"; python3 -m finetune bench --out "$OUT/$name.md" "$@" 2>&1 | tail -n 40; }
 # SmolLM2-135M LoRA: plain TRL defaults vs the toolkit's default path (16,384 tokens per step on CUDA)
@@ -16,3 +17,6 @@ bench llama1b --model "$MODELS/llama1b" --cases sft-lora-chat,sft-qlora-chat --s
 # SmolLM2-135M LoRA with activation checkpointing: its memory at 16,384 tokens per step
 bench smol-lora-checkpointing --model "$MODELS/smol" --cases sft-lora-chat --sides finetune --max-steps 16 \
   --set train.activation_checkpointing=true
+# 1B Llama shape at 32,768 tokens per step
+bench llama1b-32k --model "$MODELS/llama1b" --cases sft-lora-chat --sides finetune --max-steps 10 \
+  --set train.gpu_tokens_per_step=32768
