@@ -92,9 +92,9 @@ def fit_cuda_batch(trainer, recipe, prepared, tokens_per_step: int | None, share
     args.per_device_train_batch_size = chosen
     trainer._train_batch_size = args.train_batch_size  # what Trainer built from the batch size (its dataloader's)
     limit = ("train.gpu_tokens_per_step" if chosen == wanted
-             else f"the estimate in {share:.0%} of {free / 1024:.1f} GiB free")
-    return (f"CUDA: per-device batch {batch} -> {chosen} ({chosen * length:,} tokens per step; {limit}; "
-            "train.gpu_tokens_per_step: null keeps the recipe's)")
+             else f"as many rows as the memory estimate fits in {share:.0%} of {free / 1024:.1f} GiB free")
+    return (f"CUDA: per-device batch {batch} -> {chosen}, {chosen * length:,} tokens per step ({limit}; "
+            "train.gpu_tokens_per_step: null keeps the recipe's batch)")
 
 
 def _longest(dataset, sample: int = 5000) -> int | None:
