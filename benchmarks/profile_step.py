@@ -58,8 +58,13 @@ def main() -> None:
         trainer.train()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     wall_us = state["wall"] * 1e6
-    print(f"{args.steps} steps profiled in {state['wall']:.2f} s; batch {trainer.args.per_device_train_batch_size}")
-    for event in sorted(profiler.key_averages(), key=lambda e: -getattr(e, key))[: args.rows]:
+    averages = profiler.key_averages()
+    busy = ""
+    if cuda:  # kernels' own time: the share of the wall time the GPU computed
+        kernels = sum(e.self_device_time_total for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
+        busy = f"; GPU busy {kernels / wall_us:.0%} of it"
+    print(f"{args.steps} steps profiled in {state['wall']:.2f} s{busy}; batch {trainer.args.per_device_train_batch_size}")
+    for event in sorted(averages, key=lambda e: -getattr(e, key))[: args.rows]:
         print(f"{getattr(event, key) / wall_us:6.1%}  {getattr(event, key) / 1e3 / args.steps:9.2f} ms/step  "
               f"{event.count // args.steps:6d} calls/step  {event.key[:90]}")
 

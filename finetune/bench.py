@@ -185,9 +185,10 @@ def _table(results: list[dict], rates: dict[int, float]) -> str:
         factor = 4 if r["case"].startswith("sft") else 6  # dpo: the policy's 4 and the reference's forward 2
         mfu = factor * r["parameters"] * r["tokens_per_second"] / peak
         held = f"{r['heldout_loss']:.4f}" if r.get("heldout_loss") is not None else "-"
+        held_mib = r["peak_gpu_mib"] if "peak_gpu_mib" in r else r["peak_rss_mib"]
         lines.append(f"| {r['case']} | {r['side']} | {r['tokens_per_second']:.0f} | "
                      f"{r['tokens_per_second'] / base[r['case']]:.2f} | {r['warmup_seconds']:.0f} | "
-                     f"{r.get('peak_gpu_mib', r['peak_rss_mib']) / 1024:.2f} | {r.get('tokens_per_step') or '-'} | "
+                     f"{held_mib / 1024:.2f} | {r.get('tokens_per_step') or '-'} | "
                      f"{mfu:.1%} | {held} |")
     return "\n".join(lines)
 

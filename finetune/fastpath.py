@@ -260,8 +260,9 @@ def doc_lengths(position_ids: torch.Tensor) -> torch.Tensor:
 
 def doc_layout(position_ids: torch.Tensor) -> dict:
     """The documents of packed rows (each starts where its position id is 0, or at a row's start), as an index into
-    the flattened [batch x length] tokens: `doc_index` [documents, longest] (padding repeats the first token) and
-    `doc_valid` [documents, longest]; both dimensions rounded up (LAYOUT_MULTIPLE), the extra places not valid."""
+    the flattened [batch x length] tokens: `doc_index` [documents, longest] (padding repeats the first token; both
+    dimensions rounded up, LAYOUT_MULTIPLE) and `doc_valid`, the places of real tokens in [documents x longest], in
+    token order."""
     lengths = doc_lengths(position_ids)
     first = torch.cumsum(lengths, 0) - lengths
     # Rounded up (empty documents, padding columns) to a few shapes a run, as the rows are (SHAPE_MULTIPLE).
@@ -270,13 +271,15 @@ def doc_layout(position_ids: torch.Tensor) -> dict:
     offsets = torch.arange(longest, device=position_ids.device)
     valid = offsets[None, :] < lengths[:, None]
     index = torch.where(valid, F.pad(first, (0, lengths.numel() - first.numel()))[:, None] + offsets[None, :], 0)
-    return {"doc_index": index, "doc_valid": valid}
+    # The valid places as integer positions, found once a step: indexing with the mask in every layer would find
+    # them again there, each time a host-device synchronisation on a GPU.
+    return {"doc_index": index, "doc_valid": valid.reshape(-1).nonzero()[:, 0]}
 
 
 class _ToDocs(torch.autograd.Function):
     """[heads, tokens, dim] -> [documents, heads, longest, dim]. Padding repeats token 0; it only ever attends to
     or is attended by padding (right of every real token under the causal mask), so its gradient is zero and the
-    backward is the inverse gather of the real positions."""
+    backward is the inverse gather of the real positions (`valid`: their places in [documents x longest])."""
 
     @staticmethod
     def forward(ctx, x, index, valid):
@@ -286,7 +289,7 @@ class _ToDocs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (valid,) = ctx.saved_tensors
-        return grad.transpose(0, 1)[:, valid], None, None
+        return grad.transpose(0, 1).flatten(1, 2)[:, valid], None, None
 
 
 class _FromDocs(torch.autograd.Function):
@@ -295,13 +298,15 @@ class _FromDocs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, index, valid):
         ctx.save_for_backward(valid)
-        return x.transpose(1, 2)[valid]
+        ctx.shape = x.shape
+        return x.transpose(1, 2).flatten(0, 1)[valid]
 
     @staticmethod
     def backward(ctx, grad):
         (valid,) = ctx.saved_tensors
-        slot = (torch.cumsum(valid.reshape(-1), 0) - 1).clamp(min=0).reshape(valid.shape)
-        return (grad[slot] * valid[..., None, None]).transpose(1, 2), None, None
+        documents, heads, longest, dim = ctx.shape
+        out = grad.new_zeros(documents * longest, heads, dim).index_copy_(0, valid, grad)
+        return out.reshape(documents, longest, heads, dim).transpose(1, 2), None, None
 
 
 class _Softmax(torch.autograd.Function):
@@ -473,15 +478,24 @@ def lean_blocks(model):
         elif _same_code(forward, LlamaMLP.forward) and type(getattr(module, "act_fn", None)).__name__ in (
                 "SiLUActivation", "SiLU"):
             swapped.append((module, _swiglu_forward))
+    swapped = [(m, f) for m, f in swapped if "forward" not in m.__dict__]  # one replaced already (a hook's) stays
     for module, forward in swapped:
-        if "forward" not in module.__dict__:  # a forward already replaced on the module (a hook's) stays
-            module.forward = forward.__get__(module)
+        module.forward = forward.__get__(module)
     try:
         yield
     finally:
         for module, forward in swapped:
             if getattr(module.__dict__.get("forward"), "__func__", None) is forward:
                 del module.forward
+
+
+@contextlib.contextmanager
+def step_modules(model, compute_dtype: torch.dtype):
+    """Around a whole training step, forward and backward: the lean blocks, and (bf16/fp16 base) LoRA inputs not
+    cast to the adapter's dtype (`lora_autocast`), so that a backward which recomputes the forward (activation
+    checkpointing) recomputes the one the step ran. Autocast itself stays with the forward."""
+    with lean_blocks(model), _lora_inputs_uncast(model, compute_dtype in (torch.bfloat16, torch.float16)):
+        yield
 
 
 # ----------------------------------------------------------------------------- 4. LoRA in the base's dtype
@@ -495,15 +509,20 @@ def lora_autocast(model, compute_dtype: torch.dtype, device_type: str):
     if compute_dtype not in (torch.bfloat16, torch.float16):
         yield
         return
+    with _lora_inputs_uncast(model), torch.autocast(device_type, dtype=compute_dtype):
+        yield
+
+
+@contextlib.contextmanager
+def _lora_inputs_uncast(model, enabled: bool = True):
     # peft.helpers.disable_input_dtype_casting does this for every tuner layer, but fails on layers without the flag
     # (TrainableTokensLayer, peft 0.21); LoRA layers are the ones that cast.
-    layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    layers = [m for m in model.modules() if hasattr(m, "lora_A")] if enabled else []
     before = [getattr(m, "cast_input_dtype_enabled", True) for m in layers]
     for layer in layers:
         layer.cast_input_dtype_enabled = False
     try:
-        with torch.autocast(device_type, dtype=compute_dtype):
-            yield
+        yield
     finally:
         for layer, value in zip(layers, before):
             layer.cast_input_dtype_enabled = value

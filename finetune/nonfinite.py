@@ -76,7 +76,7 @@ class NonFiniteGuard(TrainerCallback):
         # Under fp16 mixed precision, an inf gradient is the GradScaler's routine overflow: it skips that step and
         # lowers its scale itself; only the loss counts then.
         if grads and getattr(self.trainer.accelerator, "scaler", None) is None:
-            flags[1] = (~torch.stack([torch.isfinite(_local(g)).all() for g in grads]).all()).to(flags.device).float()
+            flags[1] = (~_all_finite([_local(g) for g in grads])).to(flags.device).float()
         self._bad_loss = None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)  # one decision for all ranks
@@ -101,7 +101,7 @@ class NonFiniteGuard(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         params = self._params()  # under ZeRO-3 these are empty placeholders: the loss check above still holds
-        finite = torch.stack([torch.isfinite(_local(p)).all() for p in params]).all() if params else torch.tensor(True)
+        finite = _all_finite([_local(p) for p in params]) if params else torch.tensor(True)
         flag = (~finite).float().to(args.device).reshape(1)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -112,6 +112,13 @@ class NonFiniteGuard(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and self.mode == "skip" and "loss" in logs:
             logs["nonfinite_skips"] = self.skips
+
+
+def _all_finite(tensors: list) -> torch.Tensor:
+    """Whether every element of every tensor is finite, as a 0-d bool tensor: their norms (a NaN or inf element makes
+    its tensor's norm NaN or inf; finite elements overflow it only beyond ~1e19), in a few multi-tensor kernels rather
+    than two per tensor (on a GPU the per-tensor launches for a 1B model's adapter cost a visible share of a step)."""
+    return torch.stack([n.float() for n in torch._foreach_norm(tensors)]).isfinite().all()
 
 
 def _local(tensor):

@@ -163,12 +163,11 @@ def test_documents_attend_only_to_themselves():
 def test_doc_layout_names_each_document():
     layout = fastpath.doc_layout(torch.tensor([[0, 1, 2, 0, 1], [2, 3, 0, 1, 2]]))  # row 2 continues a document
     assert layout["doc_index"][:, :3].tolist() == [[0, 1, 2], [3, 4, 0], [5, 6, 0], [7, 8, 9]]
-    assert layout["doc_valid"][:, :3].tolist() == [[True, True, True], [True, True, False], [True, True, False],
-                                                   [True, True, True]]
-    # Rounded up to a multiple of 4 documents and 16 places: the rest is not valid.
-    assert layout["doc_valid"].shape == (4, 16) and not layout["doc_valid"][:, 3:].any()
+    # Rounded up to a multiple of 4 documents and 16 places; the real tokens' places in [documents x 16], in order.
+    assert layout["doc_index"].shape == (4, 16)
+    assert layout["doc_valid"].tolist() == [0, 1, 2, 16, 17, 32, 33, 48, 49, 50]
     five = fastpath.doc_layout(torch.tensor([[0, 1, 0, 0, 0, 0]]))
-    assert five["doc_valid"].shape == (8, 16) and five["doc_valid"].sum(1).tolist() == [2, 1, 1, 1, 1, 0, 0, 0]
+    assert five["doc_index"].shape == (8, 16) and five["doc_valid"].tolist() == [0, 1, 16, 32, 48, 64]
 
 
 def test_rows_and_kept_positions_are_rounded_up_to_a_few_shapes():
@@ -417,3 +416,30 @@ def test_lean_blocks_hold_less_for_backward():
     silu_outputs = layers * tokens * model.config.intermediate_size * 2  # bf16, no longer kept
     norm_inputs = 2 * layers * tokens * model.config.hidden_size * (4 - 2)  # fp32 copies -> the bf16 inputs
     assert plain - lean >= silu_outputs + norm_inputs, (plain, lean)
+
+
+def test_activation_checkpointing_recomputes_the_fast_steps_forward(tmp_path, tiny_llama, chat_file):
+    """With train.activation_checkpointing, backward recomputes each layer's forward: the fast step's (lean blocks,
+    uncast LoRA inputs on a bf16 base), since they stay in place for the whole training step. The step's gradients
+    are the ones without checkpointing."""
+    from finetune.stages import runner
+    from tests.conftest import tiny_recipe
+
+    grads = []
+    for checkpointing in (False, True):
+        recipe = tiny_recipe(tmp_path, tiny_llama, chat_file, model={"name": str(tiny_llama), "dtype": "bf16"},
+                             data={"packing": True}, train={"activation_checkpointing": checkpointing})
+        trainer = runner.build(recipe).trainer
+        if trainer.args.activation_checkpointing:
+            trainer.model.activation_checkpointing_enable()  # as Trainer.train does before its first step
+        assert trainer.model.is_activation_checkpointing == checkpointing
+        torch.manual_seed(0)
+        batch = next(iter(trainer.get_train_dataloader()))
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train, whose step this is
+        trainer.training_step(trainer.model, dict(batch))
+        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
+        assert not any("forward" in m.__dict__ for m in trainer.model.modules() if "RMSNorm" in type(m).__name__)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-3, atol=1e-6)

@@ -173,6 +173,12 @@ def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, reci
         """transformers' Trainer whose loss attends within each packed piece only and takes logits only where a
         label is (finetune/fastpath.py); train.fast_path: false gives the model's own loss over the whole row."""
 
+        def training_step(self, *args, **kwargs):
+            if not recipe.train.fast_path:
+                return super().training_step(*args, **kwargs)
+            with fastpath.step_modules(self.model, None):  # backward's recomputation sees the same forward
+                return super().training_step(*args, **kwargs)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if return_outputs or not recipe.train.fast_path or not fastpath.usable(self.model):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

@@ -41,6 +41,12 @@ def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, reci
         positions, attention within each packed document, LoRA in the base's dtype. Anything the fast loss does not
         cover (label smoothing, DFT, a custom loss, MoE router loss, soft-capped logits) is TRL's own path."""
 
+        def training_step(self, *args, **kwargs):
+            if not recipe.train.fast_path:
+                return super().training_step(*args, **kwargs)
+            with fastpath.step_modules(self.model, compute_dtype):  # backward's recomputation sees the same forward
+                return super().training_step(*args, **kwargs)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # Evaluation asks for the outputs too, but keeps only the loss when there is no compute_metrics: the
             # held-out loss is then the fast one as well (TRL's computes every position's logits, its entropy
