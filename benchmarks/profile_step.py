@@ -63,7 +63,8 @@ def main() -> None:
     if cuda:  # kernels' own time: the share of the wall time the GPU computed
         kernels = sum(e.self_device_time_total for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
         busy = f"; GPU busy {kernels / wall_us:.0%} of it"
-    print(f"{args.steps} steps profiled in {state['wall']:.2f} s{busy}; batch {trainer.args.per_device_train_batch_size}")
+    batch = trainer.args.per_device_train_batch_size
+    print(f"{args.steps} steps profiled in {state['wall']:.2f} s{busy}; batch {batch}")
     for event in sorted(averages, key=lambda e: -getattr(e, key))[: args.rows]:
         print(f"{getattr(event, key) / wall_us:6.1%}  {getattr(event, key) / 1e3 / args.steps:9.2f} ms/step  "
               f"{event.count // args.steps:6d} calls/step  {event.key[:90]}")
