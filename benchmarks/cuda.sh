@@ -11,11 +11,11 @@ MODELS=${MODELS:-$(mktemp -d)}
 python3 benchmarks/random_models.py "$TOKDIR" "$MODELS" --big || exit 1
 bench() { local name=$1; shift; echo "== $name: $*"; python3 -m finetune bench --out "$OUT/$name.md" "$@" 2>&1 | tail -n 40; }
 # SmolLM2-135M LoRA: plain TRL defaults vs the toolkit's default path (16,384 tokens per step on CUDA)
-bench smol-lora --model "$MODELS/smol" --cases sft-lora-chat --sides trl,finetune --max-steps 16
+bench smol-lora --model "$MODELS/smol" --cases sft-lora-chat --sides trl,finetune --max-steps 12
 # 1B Llama shape: LoRA and QLoRA, the toolkit's default path
-bench llama1b --model "$MODELS/llama1b" --cases sft-lora-chat,sft-qlora-chat --sides finetune --max-steps 12
+bench llama1b --model "$MODELS/llama1b" --cases sft-lora-chat,sft-qlora-chat --sides finetune --max-steps 10
 # SmolLM2-135M LoRA with activation checkpointing: its memory at 16,384 tokens per step
-bench smol-lora-checkpointing --model "$MODELS/smol" --cases sft-lora-chat --sides finetune --max-steps 16 \
+bench smol-lora-checkpointing --model "$MODELS/smol" --cases sft-lora-chat --sides finetune --max-steps 12 \
   --set train.activation_checkpointing=true
 # 1B Llama shape at 32,768 tokens per step
 bench llama1b-32k --model "$MODELS/llama1b" --cases sft-lora-chat --sides finetune --max-steps 10 \
