@@ -8,7 +8,7 @@ set -u
 TOKDIR=$1; OUT=${2:-bench-cuda}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 MODELS=${MODELS:-$(mktemp -d)}
-python3 benchmarks/random_models.py "$TOKDIR" "$MODELS" --big || exit 1
+[ -f "$MODELS/llama1b/config.json" ] || python3 benchmarks/random_models.py "$TOKDIR" "$MODELS" --big || exit 1
 bench() { local name=$1; shift; echo "== $name: $*"; python3 -m finetune bench --out "$OUT/$name.md" "$@" 2>&1 | tail -n 40; }
 # SmolLM2-135M LoRA: plain TRL defaults vs the toolkit's default path (16,384 tokens per step on CUDA)
 bench smol-lora --model "$MODELS/smol" --cases sft-lora-chat --sides trl,finetune --max-steps 12
