@@ -1,14 +1,14 @@
 #!/bin/bash
 # `finetune bench` on a CUDA machine with random-init models of real shapes (benchmarks/random_models.py), as the
 # README's GPU figures were made. Run from the repository root with the dependencies importable:
-#   bash benchmarks/cuda.sh TOKDIR OUTDIR
-# TOKDIR: SmolLM2-135M's tokenizer and config files (see random_models.py). Tables go to OUTDIR/*.md; the models
-# to $MODELS (default: a new temporary folder).
+#   bash benchmarks/cuda.sh OUTDIR [TOKDIR]
+# TOKDIR: SmolLM2-135M's tokenizer and config files where the embedded model is not at hand (see random_models.py).
+# Tables go to OUTDIR/*.md; the models to $MODELS (default: a new temporary folder).
 set -u
-TOKDIR=$1; OUT=${2:-bench-cuda}; mkdir -p "$OUT"
+OUT=${1:-bench-cuda}; TOKDIR=${2:-}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 MODELS=${MODELS:-$(mktemp -d)}
-[ -f "$MODELS/llama1b/config.json" ] || python3 benchmarks/random_models.py "$TOKDIR" "$MODELS" --big || exit 1
+python3 benchmarks/random_models.py "$MODELS" --big ${TOKDIR:+--tokdir "$TOKDIR"} || exit 1
 bench() { local name=$1; shift; echo "== $name: $*"; python3 -m finetune bench --out "$OUT/$name.md" "$@" 2>&1 | tail -n 40; }
 # SmolLM2-135M LoRA: plain TRL defaults vs the toolkit's default path (16,384 tokens per step on CUDA)
 bench smol-lora --model "$MODELS/smol" --cases sft-lora-chat --sides trl,finetune --max-steps 12

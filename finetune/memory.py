@@ -5,12 +5,15 @@
 peak = what the process holds now (libraries, base weights, data: RSS on CPU, allocated memory on CUDA)
      + trainable weights' gradients and AdamW state (fp32 moments: 8 bytes per trained parameter, + its gradient)
      + activations kept for backward: tokens per step x layers x hidden size x BYTES_PER_ACTIVATION
-     + logits: positions scored per step (the fast path: trained positions only) x vocabulary x BYTES_PER_LOGIT
+     + logits: positions scored per step (the fast path: trained positions only) x vocabulary x BYTES_PER_LOGIT,
+       or, where the fast step's loss computes them a chunk at a time, one chunk's: LOSS_CHUNK x vocabulary x
+       BYTES_PER_CHUNK_LOGIT
      Preference stages count the chosen and the rejected sequence of every pair.
 
 Tokens per step: batch x max_length for packed rows, else batch x the longest tokenized row (capped at max_length).
-The two constants were fitted to measured peaks on this project's CPU (below) and checked on QLoRA SFT and on the
-tiny pretraining recipe, which were not used to fit them; the README has the figures.
+The constants were fitted to measured peaks on this project's CPU (below) and checked on QLoRA SFT and on the
+tiny pretraining recipe, which were not used to fit them; the README has the figures. On CUDA (allocated memory,
+no allocator slack) the estimate runs high: 25 GiB against 13.8 measured for SmolLM2-135M LoRA at 15.5k tokens.
 """
 
 from __future__ import annotations
@@ -19,13 +22,18 @@ import resource
 
 import torch
 
-# Fitted to measured peak RSS on this project's CPU (SmolLM2-135M, LoRA: SFT on json_extract and on bench_chat with the
-# fast path, DPO with TRL's step): bytes per (token x layer x hidden unit) kept for backward, MLP intermediates,
-# norms' fp32 inputs, attention, allocator slack included; and bytes per computed logit (the head's output, the
-# fp32 log-softmax and its gradient in backward). The fast path's constant was refitted (77 -> 65) once its rows were
-# rounded to a few shapes (less of the CPU kernels' cache).
-BYTES_PER_ACTIVATION = {"fast": 65, "plain": 68}
-BYTES_PER_LOGIT = 33
+from finetune import fastpath
+
+# Fitted to measured peak RSS on this project's CPU (`finetune bench`, 2026-11-27): bytes per (token x layer x
+# hidden unit) of a step: what is kept for backward, the transient work of attention and the MLP, allocator slack
+# (fast: SFT on json_extract and bench_chat with LoRA; plain: TRL's step, DPO); bytes per computed logit where the
+# logits exist whole (TRL's step: the head's output, fp32 log-softmax, gradient; the fast step's small-vocabulary
+# path, pretraining's); and bytes per logit of the one chunk at a time that the fast step's loss holds otherwise.
+# The fast path's activation constant rose (65 -> 100) when its loss stopped holding logits: what the chat set's
+# longer rows hold besides saved tensors now shows in it. Checked on QLoRA SFT and pretraining, not used to fit.
+BYTES_PER_ACTIVATION = {"fast": 100, "plain": 68}
+BYTES_PER_LOGIT = {"fast": 16, "plain": 33}
+BYTES_PER_CHUNK_LOGIT = 12
 
 
 def current_mib() -> float:
@@ -59,7 +67,11 @@ def estimate(trainer, recipe, prepared) -> dict:
     stats = prepared.stats or {}
     trained_share = (stats.get("trained_tokens") or 0) / stats["train_tokens"] if stats.get("train_tokens") else 1.0
     scored = tokens * (trained_share if fast and stage == "sft" else 1.0)  # positions whose logits are computed
-    logits = scored * vocab * BYTES_PER_LOGIT
+    if fast and scored * vocab * 4 > fastpath.LOSS_WHOLE_BYTES:  # the head's matmul inside the chunked loss
+        chunk = fastpath.LOSS_CHUNK_CUDA if torch.cuda.is_available() else fastpath.LOSS_CHUNK
+        logits = min(scored, chunk) * vocab * BYTES_PER_CHUNK_LOGIT
+    else:
+        logits = scored * vocab * BYTES_PER_LOGIT["fast" if fast else "plain"]
     parts = {
         "now": current_mib(),
         "gradients_and_optimizer": trained * (4 + 8) / 2**20,

@@ -26,35 +26,11 @@ fi
 mkdir -p "$WORK"
 
 # --- Random-init models of real shapes.
-"$PY" - "$WORK" <<'EOF'
-import os, sys, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-from finetune.models import resolve_model
-work = sys.argv[1]
-src = os.environ.get("TOKDIR") or resolve_model("embedded:smollm2-135m")
-tokenizer = AutoTokenizer.from_pretrained(src)
-base = LlamaConfig.from_pretrained(src).to_dict()
-shapes = {"smol-rand": {}}
-if os.environ.get("BIG") == "1":
-    shapes["llama1b-rand"] = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                  num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True)
-for name, over in shapes.items():
-    out = os.path.join(work, name)
-    if os.path.isfile(os.path.join(out, "config.json")):
-        continue
-    torch.manual_seed(0)
-    config = LlamaConfig(**{**base, **over})
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    print(f"{out}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters", flush=True)
-EOF
+"$PY" benchmarks/random_models.py "$WORK" ${TOKDIR:+--tokdir "$TOKDIR"} $([ "${BIG:-0}" = 1 ] && echo --big)
 
 # --- Train, export (the gate runs on the GPU for QLoRA: the 4-bit base sits there), compare.
-MODELS="smol-rand"
-[ "${BIG:-0}" = 1 ] && MODELS="$MODELS llama1b-rand"
+MODELS="smol"
+[ "${BIG:-0}" = 1 ] && MODELS="$MODELS llama1b"
 for model in $MODELS; do
     for recipe in sft_lora sft_qlora; do
         run="$WORK/$model-$recipe"
