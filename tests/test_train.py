@@ -185,3 +185,39 @@ def test_validate_writes_nothing_to_output_dir(tmp_path, tiny_llama, chat_file):
 
     validate(tiny_recipe(tmp_path, tiny_llama, chat_file))
     assert not (tmp_path / "run").exists()
+
+
+def test_on_cuda_packed_sft_fills_the_token_budget_the_memory_estimate_allows(tmp_path, tiny_llama, chat_file,
+                                                                                monkeypatch):
+    """train.gpu_tokens_per_step on a CUDA machine (its free memory and allocation stood in for: the suite has no
+    GPU): the recipe's batch of 2 rows is raised to the budget's rows, or to what the estimate fits, never below
+    the recipe's; the CPU and gpu_tokens_per_step: null keep it. The trainer's dataloader follows."""
+    from finetune import memory
+    from finetune.stages import runner
+
+    def built(tokens_per_step, free_gib):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # built as on the CPU, then fitted
+        recipe = tiny_recipe(tmp_path, tiny_llama, chat_file, data={"packing": True},
+                             train={"gpu_tokens_per_step": tokens_per_step})
+        b = runner.build(recipe)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (free_gib * 2**30, 80 * 2**30))
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 100 * 2**20)
+        message = memory.fit_cuda_batch(b.trainer, recipe, b.prepared, recipe.train.gpu_tokens_per_step)
+        per_row = memory.estimate(b.trainer, recipe, b.prepared)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        return b.trainer, message, per_row
+
+    trainer, message, _ = built(1024, 80)  # max_length 128: 8 rows
+    assert trainer.args.per_device_train_batch_size == 8 and trainer._train_batch_size == 8
+    assert message.startswith("CUDA: per-device batch 2 -> 8, 1,024 tokens per step (train.gpu_tokens_per_step")
+    assert next(iter(trainer.get_train_dataloader()))["input_ids"].numel() > 2 * 128  # more than the recipe's 2 rows
+    trainer, message, estimate = built(10**6, 80)  # the budget beyond memory: as many rows as the estimate fits
+    rows = trainer.args.per_device_train_batch_size
+    assert "memory estimate fits in 85% of 80.0 GiB free" in message and 8 < rows < 10**6 // 128
+    assert estimate["tokens_per_step"] == rows * 128 and estimate["activations"] <= 0.85 * 80 * 1024
+    assert estimate["activations"] * (rows + 2) / rows > 0.85 * 80 * 1024 - estimate["logits"] * (rows + 2) / 2
+    trainer, message, _ = built(None, 80)
+    assert message is None and trainer.args.per_device_train_batch_size == 2
+    trainer, message, _ = built(1024, 0.001)  # no room: the recipe's batch stays
+    assert message is None and trainer.args.per_device_train_batch_size == 2
