@@ -226,13 +226,17 @@ class _ChunkedNLL(torch.autograd.Function):
 
 def _plain_head(model):
     """The causal LM's output layer where the fast loss can take over its matmul: a plain linear layer without bias
-    (not adapted by LoRA, not a peft wrapper). None otherwise."""
+    (not adapted by LoRA, not a peft wrapper) whose weight is whole here and whose forward is its own, with no hook
+    around it (FSDP and ZeRO-3 gather sharded weights in hooks; accelerate's device maps wrap the forward). None
+    otherwise."""
     inner = getattr(model, "module", model)
     try:
         head = inner.get_output_embeddings()
     except (AttributeError, NotImplementedError):
         return None
-    return head if type(head) is torch.nn.Linear and head.bias is None else None
+    plain = type(head) is torch.nn.Linear and head.bias is None and "forward" not in head.__dict__ \
+        and not (head._forward_hooks or head._forward_pre_hooks)
+    return head if plain and type(head.weight) is torch.nn.Parameter and head.weight.numel() > 0 else None
 
 
 @contextlib.contextmanager

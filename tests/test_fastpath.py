@@ -443,3 +443,21 @@ def test_activation_checkpointing_recomputes_the_fast_steps_forward(tmp_path, ti
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-3, atol=1e-6)
+
+
+def test_the_head_moves_into_the_loss_only_where_it_is_a_plain_unhooked_layer():
+    """The chunked loss computes the head's matmul itself only for a plain bias-free linear head whose forward is its
+    own: a hooked head (FSDP/ZeRO-3 gather weights in hooks) or a wrapped forward keeps the model's own head."""
+    model = _tiny_lora(torch.float32)
+    head = model.get_output_embeddings()
+    assert fastpath._plain_head(model) is head
+    handle = head.register_forward_pre_hook(lambda module, args: None)
+    assert fastpath._plain_head(model) is None
+    handle.remove()
+    head.forward = head.forward  # an instance-level forward (accelerate's device-map hooks wrap it so)
+    assert fastpath._plain_head(model) is None
+    del head.forward
+    with fastpath._head_skipped(head):
+        hidden = torch.randn(2, 64)
+        assert head(hidden) is hidden
+    assert "forward" not in head.__dict__ and fastpath._plain_head(model) is head
