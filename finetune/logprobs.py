@@ -57,9 +57,14 @@ def preference_figures(model, tokenizer, pairs) -> dict:
     """Held-out pairs (prompt, chosen, rejected, kind): accuracy of log p(chosen) > log p(rejected) and the mean
     margin log p(chosen) - log p(rejected), overall and per kind."""
     rows = list(pairs)
+    return pair_summary(preference_margins(model, tokenizer, rows), rows)
+
+
+def preference_margins(model, tokenizer, rows: list[dict]) -> list[float]:
+    """log p(chosen) - log p(rejected) of each pair."""
     chosen = completion_logps(model, tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows])
     rejected = completion_logps(model, tokenizer, [r["prompt"] for r in rows], [r["rejected"] for r in rows])
-    return pair_summary([c - r for c, r in zip(chosen, rejected)], rows)
+    return [c - r for c, r in zip(chosen, rejected)]
 
 
 def pair_summary(margins: list[float], rows: list[dict]) -> dict:

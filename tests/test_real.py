@@ -79,6 +79,7 @@ def test_dpo_after_sft_raises_the_held_out_margin(sft_run, tmp_path):
     assert abs(first["loss"] - 0.693147) < 1e-3 and abs(first["rewards/margins"]) < 1e-3, first
     before, after = run["summary"]["heldout_preference_before"], run["summary"]["heldout_preference_after"]
     assert after["mean_margin"] > before["mean_margin"], (before, after)
+    assert run["summary"]["eval_loss_after"] < 0.693147 < run["summary"]["eval_loss_after"] + 0.5  # below ln 2
     assert set(after["per_type"]) == {"distractor_age", "key_order", "pretty", "prose"}
     assert after["pairs"] == 80 and [c["stage"] for c in run["chain"]] == ["sft", "dpo"]
 

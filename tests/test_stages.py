@@ -174,6 +174,27 @@ def test_dpo_without_init_from_trains_a_fresh_adapter_against_the_base(tmp_path,
     assert run["chain"] == [{"stage": "dpo", "run_dir": str(run_dir)}]
 
 
+def test_dpo_held_out_loss_from_the_margins_is_trls_eval_loss(tmp_path, tiny_llama, sft_run, pref_files):
+    """The held-out DPO loss taken from the policy's margins after training and before it (the reference's) is
+    the loss TRL's evaluation computes with its policy and reference passes over the same pairs."""
+    from finetune.stages import dpo, runner
+
+    train, heldout = pref_files
+    recipe = _recipe(tmp_path, tiny_llama, train, "dpo", heldout, out="dpo-eval",
+                     model={"dtype": "fp32", "init_from": str(sft_run)}, train={"max_steps": 3})
+    built = runner.build(recipe)
+    trainer = built.trainer
+    before = dpo.held_out(trainer, built.prepared)
+    assert "eval_loss" not in before and len(trainer.heldout_reference_margins) == before["preference"]["pairs"]
+    trainer.train()
+    after = dpo.held_out(trainer, built.prepared)
+    trl = runner.eval_loss(trainer, built.prepared)
+    assert abs(after["eval_loss"] - 0.693147) > 1e-3  # it trained
+    assert after["eval_loss"] == pytest.approx(trl["eval_loss"], rel=1e-4), (after, trl)
+    assert after["eval_rewards/margins"] == pytest.approx(trl["eval_rewards/margins"], rel=1e-3, abs=1e-5)
+    assert after["eval_rewards/accuracies"] == pytest.approx(trl["eval_rewards/accuracies"])
+
+
 def test_export_of_a_chain_merges_its_one_adapter_into_the_base(tmp_path, tiny_llama, sft_run, pref_files):
     from finetune import export
 
