@@ -9,7 +9,8 @@ without changing what is computed for the tokens that are trained:
 1. Logits only where the loss is taken: `supervised_nll` asks the model for logits at the positions whose next token
    is trained (transformers' `logits_to_keep`), in the model's dtype (past accelerate's conversion of outputs to
    fp32), and takes the cross-entropy in fp32 chunk by chunk with its gradient in the same pass, so no
-   [tokens x vocabulary] fp32 tensor exists and nothing is recomputed.
+   [tokens x vocabulary] fp32 tensor exists and nothing is recomputed. Where the head is a plain linear layer, its
+   matmul moves into that loop too (the model returns the hidden states): no logits tensor is held at all.
 2. Attention within each packed document: a packed row (padding-free SFT, pretraining) holds several documents whose
    position ids restart at 0. Short documents: `packed_sdpa` lays them out one per row, right-padded, and attends
    causally there: the cost is about the number of documents times the longest one's squared length, not the row's
@@ -18,8 +19,12 @@ without changing what is computed for the tokens that are trained:
    sdpa call each (`attend_documents`), where their triangles and the calls' fixed cost are under the rows' square.
    Otherwise, and for batches with an attention mask and models with soft-capping or sliding windows, transformers'
    own sdpa unchanged.
-3. LoRA in the base's dtype: a bf16 base with an fp32 adapter computes its LoRA matmuls under autocast (the adapter
+3. Lean blocks: Llama-family RMSNorms and SiLU MLPs keep their bf16 inputs for backward, not fp32 copies and silu's
+   output (the same operations), and grouped key/value heads reach sdpa unrepeated where its kernel takes them.
+4. LoRA in the base's dtype: a bf16 base with an fp32 adapter computes its LoRA matmuls under autocast (the adapter
    and its optimizer state stay fp32) instead of copying every input to fp32 for each LoRA layer.
+3 and 4 stay in place for the whole training step (`step_modules`), so activation checkpointing recomputes the same
+forward.
 
 tests/test_fastpath.py checks that the loss and every gradient match the plain path (TRL's), in fp32 and bf16, for
 packed and padded batches.
