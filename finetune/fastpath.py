@@ -212,9 +212,10 @@ class _ChunkedNLL(torch.autograd.Function):
             if weight is None:
                 grad_x[i : i + chunk] = grad
                 continue
-            grad_x[i : i + chunk] = grad @ weight.to(grad_dtype)  # the head's backward, as autograd's linear
-            if trains_weight:
-                grad_w += (grad.T @ rows.to(grad_dtype)).float()
+            with torch.autocast(device, enabled=False):  # in the gradient's dtype (fp16 logits: fp32)
+                grad_x[i : i + chunk] = grad @ weight.to(grad_dtype)  # the head's backward, as autograd's linear
+                if trains_weight:
+                    grad_w += (grad.T @ rows.to(grad_dtype)).float()
         ctx.grads = (grad_x, grad_w)
         return total
 
@@ -241,7 +242,11 @@ def _plain_head(model):
         return None
     plain = type(head) is torch.nn.Linear and head.bias is None and "forward" not in head.__dict__ \
         and not (head._forward_hooks or head._forward_pre_hooks)
-    return head if plain and type(head.weight) is torch.nn.Parameter and head.weight.numel() > 0 else None
+    # A trained head outside the forward's graph would reach DDP's reducer after it marked the weight unused; tied to
+    # the embeddings, the weight is in the graph through them.
+    tied = head.weight is getattr(inner.get_input_embeddings(), "weight", None)
+    whole = type(head.weight) is torch.nn.Parameter and head.weight.numel() > 0
+    return head if plain and whole and (tied or not head.weight.requires_grad) else None
 
 
 @contextlib.contextmanager

@@ -67,7 +67,8 @@ def estimate(trainer, recipe, prepared) -> dict:
     stats = prepared.stats or {}
     trained_share = (stats.get("trained_tokens") or 0) / stats["train_tokens"] if stats.get("train_tokens") else 1.0
     scored = tokens * (trained_share if fast and stage == "sft" else 1.0)  # positions whose logits are computed
-    if fast and scored * vocab * 4 > fastpath.LOSS_WHOLE_BYTES:  # the head's matmul inside the chunked loss
+    fused = fast and fastpath._plain_head(model) is not None and scored * vocab * 4 > fastpath.LOSS_WHOLE_BYTES
+    if fused:  # the head's matmul inside the chunked loss
         chunk = fastpath.LOSS_CHUNK_CUDA if torch.cuda.is_available() else fastpath.LOSS_CHUNK
         logits = min(scored, chunk) * vocab * BYTES_PER_CHUNK_LOGIT
     else:
@@ -88,10 +89,10 @@ def fit_cuda_batch(trainer, recipe, prepared, tokens_per_step: int | None, share
     """On CUDA, packed SFT: the per-device batch raised from the recipe's to `tokens_per_step` tokens (batch x
     max_length), or to as many rows as the estimate above fits in `share` of the GPU's free memory, whichever is
     fewer; never below the recipe's batch. Returns what was done, for the log (None: nothing)."""
-    if tokens_per_step is None or not torch.cuda.is_available() or recipe.train.stage != "sft" \
-            or not recipe.data.packing:
-        return None
     args = trainer.args
+    if tokens_per_step is None or not torch.cuda.is_available() or recipe.train.stage != "sft" \
+            or not recipe.data.packing or args.use_cpu:
+        return None
     batch, length = args.per_device_train_batch_size, recipe.data.max_length or 1024
     now = estimate(trainer, recipe, prepared)
     per_row = (now["activations"] + now["logits"]) / batch  # MiB, linear in the rows of a step
@@ -99,6 +100,10 @@ def fit_cuda_batch(trainer, recipe, prepared, tokens_per_step: int | None, share
     fits = int((share * free - now["gradients_and_optimizer"]) // per_row) if per_row > 0 else batch
     wanted = max(1, tokens_per_step // length)
     chosen = max(batch, min(wanted, fits))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # one batch for every rank
+        least = torch.tensor([chosen], device=args.device)
+        torch.distributed.all_reduce(least, op=torch.distributed.ReduceOp.MIN)
+        chosen = int(least.item())
     if chosen == batch:
         return None
     args.per_device_train_batch_size = chosen

@@ -118,7 +118,7 @@ def _all_finite(tensors: list) -> torch.Tensor:
     """Whether every element of every tensor is finite, as a 0-d bool tensor: their norms (a NaN or inf element makes
     its tensor's norm NaN or inf; finite elements overflow it only beyond ~1e19), in a few multi-tensor kernels rather
     than two per tensor (on a GPU the per-tensor launches for a 1B model's adapter cost a visible share of a step)."""
-    return torch.stack([n.float() for n in torch._foreach_norm(tensors)]).isfinite().all()
+    return torch.stack(torch._foreach_norm(tensors, dtype=torch.float32)).isfinite().all()
 
 
 def _local(tensor):

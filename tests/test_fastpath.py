@@ -461,3 +461,5 @@ def test_the_head_moves_into_the_loss_only_where_it_is_a_plain_unhooked_layer():
         hidden = torch.randn(2, 64)
         assert head(hidden) is hidden
     assert "forward" not in head.__dict__ and fastpath._plain_head(model) is head
+    head.weight.requires_grad_(True)  # trained and untied: outside the forward's graph, which DDP would refuse
+    assert head.weight is not model.get_input_embeddings().weight and fastpath._plain_head(model) is None

@@ -200,6 +200,7 @@ def test_on_cuda_packed_sft_fills_the_token_budget_the_memory_estimate_allows(tm
         recipe = tiny_recipe(tmp_path, tiny_llama, chat_file, data={"packing": True},
                              train={"gpu_tokens_per_step": tokens_per_step})
         b = runner.build(recipe)
+        b.trainer.args.use_cpu = False  # as TrainingArguments say on a CUDA machine
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (free_gib * 2**30, 80 * 2**30))
         monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 100 * 2**20)
@@ -221,3 +222,7 @@ def test_on_cuda_packed_sft_fills_the_token_budget_the_memory_estimate_allows(tm
     assert message is None and trainer.args.per_device_train_batch_size == 2
     trainer, message, _ = built(1024, 0.001)  # no room: the recipe's batch stays
     assert message is None and trainer.args.per_device_train_batch_size == 2
+    recipe = tiny_recipe(tmp_path, tiny_llama, chat_file, data={"packing": True})
+    b = runner.build(recipe)  # a CPU run (use_cpu) on a machine with a GPU keeps its batch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert b.trainer.args.use_cpu and memory.fit_cuda_batch(b.trainer, recipe, b.prepared, 1024) is None

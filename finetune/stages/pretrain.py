@@ -174,7 +174,7 @@ def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, reci
         label is (finetune/fastpath.py); train.fast_path: false gives the model's own loss over the whole row."""
 
         def training_step(self, *args, **kwargs):
-            if not recipe.train.fast_path:
+            if not recipe.train.fast_path or not fastpath.usable(self.model):
                 return super().training_step(*args, **kwargs)
             with fastpath.step_modules(self.model, None):  # backward's recomputation sees the same forward
                 return super().training_step(*args, **kwargs)

@@ -41,8 +41,13 @@ def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, reci
         positions, attention within each packed document, LoRA in the base's dtype. Anything the fast loss does not
         cover (label smoothing, DFT, a custom loss, MoE router loss, soft-capped logits) is TRL's own path."""
 
+        def fast(self) -> bool:
+            """Whether the step is the fast one: not for what it does not cover (TRL's own step then)."""
+            return (recipe.train.fast_path and fastpath.usable(self.model) and self.label_smoother is None
+                    and self.compute_loss_func is None and self.args.loss_type == "nll" and not self.aux_loss_enabled)
+
         def training_step(self, *args, **kwargs):
-            if not recipe.train.fast_path:
+            if not self.fast():
                 return super().training_step(*args, **kwargs)
             with fastpath.step_modules(self.model, compute_dtype):  # backward's recomputation sees the same forward
                 return super().training_step(*args, **kwargs)
@@ -52,9 +57,7 @@ def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, reci
             # held-out loss is then the fast one as well (TRL's computes every position's logits, its entropy
             # and accuracy: the run's peak memory, with eval batches of 8 rows).
             loss_only = return_outputs and not model.training and self.compute_metrics is None
-            if ((return_outputs and not loss_only) or not recipe.train.fast_path or not fastpath.usable(self.model)
-                    or self.label_smoother is not None or self.compute_loss_func is not None
-                    or self.args.loss_type != "nll" or self.aux_loss_enabled):
+            if (return_outputs and not loss_only) or not self.fast():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             with fastpath.lora_autocast(self.model, compute_dtype, self.args.device.type):
                 loss = fastpath.trainer_loss(self, model, inputs, num_items_in_batch)
