@@ -37,13 +37,18 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-# Rows of the [positions x vocabulary] logits turned to fp32 at a time in the loss (512 x 49,152 x 4 bytes: 96 MiB);
-# on CUDA more at a time (larger matmuls; 384 MiB).
-LOSS_CHUNK = 512
+# Rows of the [positions x vocabulary] logits turned to fp32 at a time in the loss (256 x 49,152 x 4 bytes: 48 MiB;
+# 512 ran no faster on CPU and held twice the memory); on CUDA more at a time (larger matmuls; 384 MiB).
+LOSS_CHUNK = 256
 LOSS_CHUNK_CUDA = 2048
 # Below this many bytes of fp32 logits the loss is taken in one piece (chunking's recomputation costs more than it
 # saves).
 LOSS_WHOLE_BYTES = 160 * 2**20
+# From this vocabulary size on, the head's matmul always moves into the chunked loss (a chunk of fp32 logits is
+# 32 MiB or more): whole logits at the end of the forward, when everything kept for backward is held, set the step's
+# peak memory (SmolLM2's 49,152: ~0.3 GB at 1,024 tokens a step); smaller vocabularies (pretraining's 8,192) keep
+# whole logits below LOSS_WHOLE_BYTES.
+HEAD_IN_LOSS_VOCAB = 32768
 # Row widths and kept positions are rounded up to a multiple of this, so a run sees a few dozen matmul shapes, not a
 # new one every step: the CPU's oneDNN kernels are built and cached per shape (a new shape costs its build, and the
 # cache held ~1.5 GB more after 40 padding-free steps of varying width).
@@ -84,11 +89,17 @@ def supervised_nll(model, inputs: dict, num_items_in_batch=None, doc_attention: 
     picked = targets[:, keep]
     picked[:, kept:] = -100
     head = _plain_head(model)
-    if head is not None and torch.is_grad_enabled() and picked.numel() * head.out_features * 4 > LOSS_WHOLE_BYTES:
-        # The head's matmul moves into the loss: chunk by chunk, so not even the logits are held whole.
+    if head is not None and (head.out_features >= HEAD_IN_LOSS_VOCAB
+                             or picked.numel() * head.out_features * 4 > LOSS_WHOLE_BYTES):
+        # The head's matmul moves into the loss: chunk by chunk, so not even the logits are held whole; and only at
+        # the (row, position) places that are trained (`keep` is every row's positions that some row trains).
         with lean_blocks(model), _head_skipped(head):
             hidden = model(**forward, use_cache=False, logits_to_keep=keep).logits  # [batch, kept, hidden]
-        nll = _ChunkedNLL.apply(hidden.reshape(-1, hidden.shape[-1]), picked.reshape(-1), head.weight)
+        hidden, picked = _trained_rows(hidden.reshape(-1, hidden.shape[-1]), picked.reshape(-1))
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            nll = _ChunkedNLL.apply(hidden, picked, head.weight)
+        else:  # evaluation: the same chunks, no gradient
+            nll = _head_nll(hidden, picked, head)
     else:
         with lean_blocks(model):
             logits = model(**forward, use_cache=False, logits_to_keep=keep).logits  # [batch, kept, vocab]
@@ -154,6 +165,29 @@ def outputs_in_model_dtype(model, mixed_precision: torch.dtype | None):
         yield
     finally:
         inner.forward = wrapped
+
+
+def _trained_rows(x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of `x` whose target is trained (not -100), with their targets; their count rounded up to a multiple
+    of SHAPE_MULTIPLE with row 0, untrained (a few matmul shapes a run)."""
+    index = (targets != -100).nonzero()[:, 0]
+    count = index.numel()
+    index = F.pad(index, (0, -count % SHAPE_MULTIPLE if count else SHAPE_MULTIPLE))
+    picked = targets[index]
+    picked[count:] = -100
+    return x[index], picked
+
+
+def _head_nll(x: torch.Tensor, targets: torch.Tensor, head) -> torch.Tensor:
+    """Without gradients (evaluation): the summed cross-entropy of `head(x)`, a chunk of rows at a time in fp32."""
+    chunk = LOSS_CHUNK_CUDA if x.is_cuda else LOSS_CHUNK
+    total = x.new_zeros((), dtype=torch.float32)
+    for i in range(0, x.shape[0], chunk):
+        target = targets[i : i + chunk]
+        logprobs = torch.log_softmax(head(x[i : i + chunk]), dim=-1, dtype=torch.float32)
+        total -= torch.where(target != -100, logprobs.gather(1, target.clamp(min=0)[:, None])[:, 0], 0.0).sum()
+        del logprobs
+    return total
 
 
 def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -487,6 +487,11 @@ def _build_train(data, source: str) -> TrainConfig:
         least = TRAIN_MINIMUMS.get(key)
         if least is not None and isinstance(args[key], (int, float)) and args[key] < least:
             raise _bad_value(source, f"train.{key}", value, f"must be >= {least}")
+    # SFT's held-out batches take the training batch's size unless set: evaluated at TRL's default (8 rows), the
+    # step-0 and final evaluations' larger tensors fit none of the holes that training's leave in the CPU heap, which
+    # then grew past the training peak (finetune/memory.py).
+    if own.stage == "sft":
+        args.setdefault("per_device_eval_batch_size", args["per_device_train_batch_size"])
     # A list of trackers (a comma-separated string on the command line), each supported and installed.
     args["report_to"] = trackers.check_report_to(args.get("report_to"), source) or "none"
     own.args = args

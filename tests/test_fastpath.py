@@ -257,6 +257,35 @@ def test_chunked_loss_through_a_trained_tied_head(monkeypatch, dtype):
         assert fast_err[name] <= limit, (name, fast_err[name], plain_err[name])
 
 
+def test_held_out_loss_through_the_head_in_the_loss_is_the_plain_loss(monkeypatch):
+    """Without gradients (evaluation), a large vocabulary's head still runs inside the loss, chunk by chunk over the
+    trained places only: the loss is the plain step's (fp32: 1e-6 relative)."""
+    model = _tiny_lora(torch.float32)
+    inputs = _packed_batch(lengths=(40, 50, 30))
+    with torch.no_grad():
+        plain = _plain(model, inputs)
+    monkeypatch.setattr(fastpath, "LOSS_CHUNK", 16)
+    monkeypatch.setattr(fastpath, "HEAD_IN_LOSS_VOCAB", 300)  # the tiny model's vocabulary counts as large
+    calls = []
+    real = fastpath._head_nll
+    monkeypatch.setattr(fastpath, "_head_nll", lambda *a: calls.append(a[0].shape) or real(*a))
+    with torch.no_grad():
+        loss, count = fastpath.supervised_nll(model, inputs)
+    trained = int((inputs["labels"][:, 1:] != -100).sum())
+    assert int(count) == trained and calls == [torch.Size([-(-trained // 64) * 64, 64])]  # hidden states, rounded
+    torch.testing.assert_close(loss, plain, rtol=1e-6, atol=0)
+
+
+def test_trained_rows_are_picked_and_rounded_up_untrained():
+    x = torch.arange(10.0)[:, None].expand(10, 3)
+    targets = torch.tensor([-100, 4, -100, 7, 8, -100, -100, -100, 2, -100])
+    rows, picked = fastpath._trained_rows(x, targets)
+    assert rows.shape == (64, 3) and rows[:4, 0].tolist() == [1.0, 3.0, 4.0, 8.0] and not rows[4:].any()
+    assert picked[:4].tolist() == [4, 7, 8, 2] and (picked[4:] == -100).all()
+    rows, picked = fastpath._trained_rows(x, torch.full((10,), -100))
+    assert rows.shape == (64, 3) and (picked == -100).all()
+
+
 def test_chunked_loss_ignores_untrained_rows_whatever_their_logits():
     """A row whose target is -100 adds nothing to the loss or the gradient, even with -inf logits (as
     F.cross_entropy's ignore_index); fp16 logits keep an fp32 gradient until the loss scale is applied."""
@@ -313,6 +342,7 @@ def test_fast_loss_takes_bf16_logits_past_accelerates_fp32_outputs(tmp_path, tin
     dtypes = []
     real = fastpath._chunked_nll
     monkeypatch.setattr(fastpath, "_chunked_nll", lambda logits, t: dtypes.append(logits.dtype) or real(logits, t))
+    monkeypatch.setattr(fastpath, "HEAD_IN_LOSS_VOCAB", 10**9)  # the model returns logits (its head not in the loss)
     trained = [p for p in model.parameters() if p.requires_grad]
     with fastpath.lora_autocast(model, torch.bfloat16, "cpu"):
         fast = fastpath.trainer_loss(trainer, model, dict(batch))

@@ -115,6 +115,17 @@ def test_overrides_are_dotted_and_typed(tmp_path):
         load_recipe(path, ["adapter.rank=4"])
 
 
+def test_sft_evaluates_at_its_training_batch_unless_told(tmp_path):
+    """SFT's held-out batches default to the training batch's rows (TRL's default of 8 grew the CPU heap past the
+    training peak); a set value is kept; other stages keep TRL's default."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    assert load_recipe(path, ["train.per_device_train_batch_size=3"]).train.args["per_device_eval_batch_size"] == 3
+    told = load_recipe(path, ["train.per_device_train_batch_size=3", "train.per_device_eval_batch_size=5"])
+    assert told.train.args["per_device_eval_batch_size"] == 5
+    assert "per_device_eval_batch_size" not in load_recipe("recipes/smollm2-135m/dpo_lora.yaml").train.args
+
+
 def test_cli_error_is_one_line_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**MINIMAL, "adapter": {"alpah": 16}}))
