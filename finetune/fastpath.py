@@ -184,7 +184,7 @@ def _head_nll(x: torch.Tensor, targets: torch.Tensor, head) -> torch.Tensor:
     total = x.new_zeros((), dtype=torch.float32)
     for i in range(0, x.shape[0], chunk):
         target = targets[i : i + chunk]
-        logprobs = torch.log_softmax(head(x[i : i + chunk]), dim=-1, dtype=torch.float32)
+        logprobs = torch.log_softmax(head(x[i : i + chunk].to(head.weight.dtype)), dim=-1, dtype=torch.float32)
         total -= torch.where(target != -100, logprobs.gather(1, target.clamp(min=0)[:, None])[:, 0], 0.0).sum()
         del logprobs
     return total

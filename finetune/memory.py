@@ -87,9 +87,10 @@ def estimate(trainer, recipe, prepared) -> dict:
 
 
 def fit_cuda_batch(trainer, recipe, prepared, tokens_per_step: int | None, share: float = 0.85) -> str | None:
-    """On CUDA, packed SFT: the per-device batch raised from the recipe's to `tokens_per_step` tokens (batch x
-    max_length), or to as many rows as the estimate above fits in `share` of the GPU's free memory, whichever is
-    fewer; never below the recipe's batch. Returns what was done, for the log (None: nothing)."""
+    """On CUDA, packed SFT: the per-device batch raised from the recipe's to `tokens_per_step` tokens per optimizer
+    step (batch x max_length x gradient accumulation steps), or to as many rows as the estimate above fits in
+    `share` of the GPU's free memory, whichever is fewer; never below the recipe's batch. Evaluation takes at least
+    as many rows. Returns what was done, for the log (None: nothing)."""
     args = trainer.args
     if tokens_per_step is None or not torch.cuda.is_available() or recipe.train.stage != "sft" \
             or not recipe.data.packing or args.use_cpu:
@@ -99,7 +100,7 @@ def fit_cuda_batch(trainer, recipe, prepared, tokens_per_step: int | None, share
     per_row = (now["activations"] + now["logits"]) / batch  # MiB, linear in the rows of a step
     free = torch.cuda.mem_get_info()[0] / 2**20
     fits = int((share * free - now["gradients_and_optimizer"]) // per_row) if per_row > 0 else batch
-    wanted = max(1, tokens_per_step // length)
+    wanted = max(1, tokens_per_step // (length * args.gradient_accumulation_steps))  # per optimizer step
     chosen = max(batch, min(wanted, fits))
     if torch.distributed.is_available() and torch.distributed.is_initialized():  # one batch for every rank
         least = torch.tensor([chosen], device=args.device)
@@ -109,9 +110,11 @@ def fit_cuda_batch(trainer, recipe, prepared, tokens_per_step: int | None, share
         return None
     args.per_device_train_batch_size = chosen
     trainer._train_batch_size = args.train_batch_size  # what Trainer built from the batch size (its dataloader's)
+    args.per_device_eval_batch_size = max(args.per_device_eval_batch_size, chosen)  # no-grad: fits where training does
     limit = ("train.gpu_tokens_per_step" if chosen == wanted
              else f"as many rows as the memory estimate fits in {share:.0%} of {free / 1024:.1f} GiB free")
-    return (f"CUDA: per-device batch {batch} -> {chosen}, {chosen * length:,} tokens per step ({limit}; "
+    tokens = chosen * length * args.gradient_accumulation_steps
+    return (f"CUDA: per-device batch {batch} -> {chosen}, {tokens:,} tokens per optimizer step ({limit}; "
             "train.gpu_tokens_per_step: null keeps the recipe's batch)")
 
 

@@ -171,8 +171,8 @@ class TrainConfig:
                                        "each packed document, LoRA in the base's dtype (finetune/fastpath.py). "
                                        "false: the plain TRL/transformers step.")
     gpu_tokens_per_step: int | None = field_spec(
-        16384, "On CUDA, packed SFT: the per-device batch is raised to this many tokens per step (batch x "
-               "data.max_length), or to what the memory estimate fits in 85% of the GPU's free memory if fewer; never "
+        16384, "On CUDA, packed SFT: the per-device batch is raised to this many tokens per optimizer step (batch x "
+               "data.max_length x gradient_accumulation_steps), or to what the memory estimate fits in 85% of the GPU's free memory if fewer; never "
                "below per_device_train_batch_size, which the CPU keeps (finetune bench: small batches are fastest "
                "there). Fewer, larger steps per epoch. null: the recipe's batch on GPUs too.", minimum=1)
     # Everything else under `train` is a field of the stage's TRL config, kept here after checking.
@@ -487,11 +487,6 @@ def _build_train(data, source: str) -> TrainConfig:
         least = TRAIN_MINIMUMS.get(key)
         if least is not None and isinstance(args[key], (int, float)) and args[key] < least:
             raise _bad_value(source, f"train.{key}", value, f"must be >= {least}")
-    # SFT's held-out batches take the training batch's size unless set: evaluated at TRL's default (8 rows), the
-    # step-0 and final evaluations' larger tensors fit none of the holes that training's leave in the CPU heap, which
-    # then grew past the training peak (finetune/memory.py).
-    if own.stage == "sft":
-        args.setdefault("per_device_eval_batch_size", args["per_device_train_batch_size"])
     # A list of trackers (a comma-separated string on the command line), each supported and installed.
     args["report_to"] = trackers.check_report_to(args.get("report_to"), source) or "none"
     own.args = args

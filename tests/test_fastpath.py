@@ -114,6 +114,28 @@ def test_padded_rows_same_loss_and_gradients(dtype):
                  route="sdpa")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_in_the_loss_over_several_rows_same_loss_and_gradients(dtype, monkeypatch):
+    """A large vocabulary's path (the head's matmul in the chunked loss, over the trained places only) on several
+    packed rows and on right-padded rows, whose trained positions differ from row to row."""
+    monkeypatch.setattr(fastpath, "HEAD_IN_LOSS_VOCAB", 300)
+    monkeypatch.setattr(fastpath, "LOSS_CHUNK", 16)
+    calls = []
+    real = fastpath._ChunkedNLL.apply
+    monkeypatch.setattr(fastpath._ChunkedNLL, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
+    a = _packed_batch(lengths=(5, 6, 4, 7, 6, 2, 5, 4, 6, 3), seed=2)
+    b = _packed_batch(lengths=(3, 5, 4, 5, 6, 7, 4, 6, 4, 4), seed=3)
+    _assert_same(_tiny_lora(dtype), {k: torch.cat([a[k], b[k]]) for k in a}, dtype)
+    batch = _packed_batch(lengths=(14, 14))
+    ids = torch.stack([batch["input_ids"][0, :14], batch["input_ids"][0, 14:]])
+    labels = torch.stack([batch["labels"][0, :14], batch["labels"][0, 14:]])
+    mask = torch.ones_like(ids)
+    mask[1, 10:], labels[1, 10:] = 0, -100
+    _assert_same(_tiny_lora(dtype), {"input_ids": ids, "attention_mask": mask, "labels": labels}, dtype,
+                 route="sdpa")
+    assert calls == [torch.Size([64, 64])] * 2  # trained places (under 64), rounded up: hidden states, not logits
+
+
 def test_fp32_adapter_on_a_bf16_base_computed_under_autocast():
     """The recipes' default: bf16 frozen base, fp32 LoRA; the fast step computes LoRA in bf16 under autocast."""
     model = _tiny_lora(torch.bfloat16)

@@ -117,13 +117,20 @@ def test_overrides_are_dotted_and_typed(tmp_path):
 
 def test_sft_evaluates_at_its_training_batch_unless_told(tmp_path):
     """SFT's held-out batches default to the training batch's rows (TRL's default of 8 grew the CPU heap past the
-    training peak); a set value is kept; other stages keep TRL's default."""
+    training peak); a set value is kept; other stages keep TRL's default. The resolved recipe is left as written
+    (a run recorded before the default resumes without a recipe difference)."""
+    from finetune import stages
+    from finetune.stages.runner import trl_config
+
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(MINIMAL))
-    assert load_recipe(path, ["train.per_device_train_batch_size=3"]).train.args["per_device_eval_batch_size"] == 3
+    recipe = load_recipe(path, ["train.per_device_train_batch_size=3"])
+    assert trl_config(recipe, stages.get("sft")).per_device_eval_batch_size == 3
+    assert "per_device_eval_batch_size" not in recipe.to_dict()["train"]
     told = load_recipe(path, ["train.per_device_train_batch_size=3", "train.per_device_eval_batch_size=5"])
-    assert told.train.args["per_device_eval_batch_size"] == 5
-    assert "per_device_eval_batch_size" not in load_recipe("recipes/smollm2-135m/dpo_lora.yaml").train.args
+    assert trl_config(told, stages.get("sft")).per_device_eval_batch_size == 5
+    dpo = load_recipe(REPO / "recipes/smollm2-135m/dpo_lora.yaml", [f"output_dir={tmp_path / 'dpo'}"])
+    assert trl_config(dpo, stages.get("dpo")).per_device_eval_batch_size == 8
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):

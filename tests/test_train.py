@@ -195,10 +195,11 @@ def test_on_cuda_packed_sft_fills_the_token_budget_the_memory_estimate_allows(tm
     from finetune import memory
     from finetune.stages import runner
 
-    def built(tokens_per_step, free_gib):
+    def built(tokens_per_step, free_gib, accumulation=1):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # built as on the CPU, then fitted
         recipe = tiny_recipe(tmp_path, tiny_llama, chat_file, data={"packing": True},
-                             train={"gpu_tokens_per_step": tokens_per_step})
+                             train={"gpu_tokens_per_step": tokens_per_step,
+                                    "gradient_accumulation_steps": accumulation})
         b = runner.build(recipe)
         b.trainer.args.use_cpu = False  # as TrainingArguments say on a CUDA machine
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -211,13 +212,17 @@ def test_on_cuda_packed_sft_fills_the_token_budget_the_memory_estimate_allows(tm
 
     trainer, message, _ = built(1024, 80)  # max_length 128: 8 rows
     assert trainer.args.per_device_train_batch_size == 8 and trainer._train_batch_size == 8
-    assert message.startswith("CUDA: per-device batch 2 -> 8, 1,024 tokens per step (train.gpu_tokens_per_step")
+    assert message.startswith("CUDA: per-device batch 2 -> 8, 1,024 tokens per optimizer step (train.gpu_tokens_per_")
     assert next(iter(trainer.get_train_dataloader()))["input_ids"].numel() > 2 * 128  # more than the recipe's 2 rows
     trainer, message, estimate = built(10**6, 80)  # the budget beyond memory: as many rows as the estimate fits
     rows = trainer.args.per_device_train_batch_size
     assert "memory estimate fits in 85% of 80.0 GiB free" in message and 8 < rows < 10**6 // 128
     assert estimate["tokens_per_step"] == rows * 128 and estimate["activations"] <= 0.85 * 80 * 1024
     assert estimate["activations"] * (rows + 2) / rows > 0.85 * 80 * 1024 - estimate["logits"] * (rows + 2) / 2
+    assert trainer.args.per_device_eval_batch_size == rows  # evaluation (no gradients) at the fitted rows too
+    trainer, message, _ = built(1024, 80, accumulation=2)  # the budget is per optimizer step: 4 rows, twice
+    assert trainer.args.per_device_train_batch_size == 4
+    assert message.startswith("CUDA: per-device batch 2 -> 4, 1,024 tokens per optimizer step (")
     trainer, message, _ = built(None, 80)
     assert message is None and trainer.args.per_device_train_batch_size == 2
     trainer, message, _ = built(1024, 0.001)  # no room: the recipe's batch stays

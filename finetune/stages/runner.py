@@ -84,6 +84,11 @@ def trl_config(recipe: Recipe, stage):
     args.setdefault("bf16", dtype == torch.bfloat16)
     args.setdefault("fp16", dtype == torch.float16 and torch.cuda.is_available())
     args.setdefault("use_cpu", not torch.cuda.is_available())
+    # SFT's held-out batches take the training batch's rows unless set: at TRL's default (8 rows) the step-0 and
+    # final evaluations' larger tensors fit none of the holes that training's leave in the CPU heap, which then grew
+    # past the training peak. (Set here, not in the recipe, so runs recorded without it still resume unchanged.)
+    if recipe.train.stage == "sft":
+        args.setdefault("per_device_eval_batch_size", args.get("per_device_train_batch_size", 8))
     config_cls = stages.config_class(recipe.train.stage)
     try:
         return config_cls(output_dir=str(Path(recipe.output_dir) / "checkpoints"), seed=recipe.seed,

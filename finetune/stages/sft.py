@@ -55,7 +55,7 @@ def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, reci
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # Evaluation asks for the outputs too, but keeps only the loss when there is no compute_metrics: the
             # held-out loss is then the fast one as well (TRL's computes every position's logits, its entropy
-            # and accuracy: the run's peak memory, with eval batches of 8 rows).
+            # and accuracy: the run's peak memory once, with eval batches of 8 rows).
             loss_only = return_outputs and not model.training and self.compute_metrics is None
             if (return_outputs and not loss_only) or not self.fast():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
