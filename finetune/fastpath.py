@@ -89,8 +89,7 @@ def supervised_nll(model, inputs: dict, num_items_in_batch=None, doc_attention: 
     picked = targets[:, keep]
     picked[:, kept:] = -100
     head = _plain_head(model)
-    if head is not None and (head.out_features >= HEAD_IN_LOSS_VOCAB
-                             or picked.numel() * head.out_features * 4 > LOSS_WHOLE_BYTES):
+    if head is not None and head_in_loss(head.out_features, picked.numel()):
         # The head's matmul moves into the loss: chunk by chunk, so not even the logits are held whole; and only at
         # the (row, position) places that are trained (`keep` is every row's positions that some row trains).
         with lean_blocks(model), _head_skipped(head):
@@ -165,6 +164,11 @@ def outputs_in_model_dtype(model, mixed_precision: torch.dtype | None):
         yield
     finally:
         inner.forward = wrapped
+
+
+def head_in_loss(vocab: int, positions: float) -> bool:
+    """Whether a plain head's matmul moves into the chunked loss: a large vocabulary, or large logits."""
+    return vocab >= HEAD_IN_LOSS_VOCAB or positions * vocab * 4 > LOSS_WHOLE_BYTES
 
 
 def _trained_rows(x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
