@@ -25,7 +25,8 @@ MFU: model FLOPs per second over a 2048 x 2048 bf16 matmul timed in this run (th
 cases); model FLOPs = 4 x parameters x tokens for LoRA/QLoRA (forward and input gradients; the base is frozen) and
 6 x parameters x tokens for pretraining and DPO (the policy's 4 and the reference's forward 2), embeddings
 counted once (they are the tied head's matmul). MFU is each side's share of the matmul-only bound. A JSON line per
-side and a table at the end; --out writes the table.
+side and a table at the end, headed by the machine (the CPU's model and its bf16 matrix instructions, AMX or
+AVX512-BF16, or the GPU); --out writes the table.
 
 On CUDA (the same command; benchmarks/cuda.sh is how the README's GPU figures were made): --model names a model
 folder used on every side instead of the embedded model (e.g. a random-init model of a real shape: speed does not
@@ -90,6 +91,28 @@ def matmul_flops(dtype=None, size: int = 2048, seconds: float = 2.0, windows: in
                     break
         best = max(best, 2 * size**3 * runs / elapsed)
     return best
+
+
+def machine() -> str:
+    """What the figures were measured on: the GPU's name, or the CPU's model, its bf16 matrix instructions (AMX
+    runs bf16 matmuls several times faster than AVX512-BF16 alone, so the same step's MFU and its ratio to an fp32
+    side differ between the two) and the threads torch uses."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    name, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name == "unknown CPU":
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    matrix = [f for f in ("amx_bf16", "avx512_bf16") if f in flags] or ["no bf16 matrix instructions"]
+    return f"{name}, {' + '.join(matrix)}, {torch.get_num_threads()} threads"
 
 
 def _sync(device: str) -> None:
@@ -175,7 +198,8 @@ def _table(results: list[dict], rates: dict[int, float]) -> str:
     gpu = any("peak_gpu_mib" in r for r in results)
     measured = ", ".join(f"{size}x{size} {rate / 1e12:.2f}" for size, rate in rates.items())
     memory = "GPU memory" if gpu else "RSS"
-    lines = [f"bf16 matmul measured in this run (TFLOP/s): {measured}; MFU against {peak / 1e12:.2f}", "",
+    lines = [f"Machine: {machine()}", "",
+             f"bf16 matmul measured in this run (TFLOP/s): {measured}; MFU against {peak / 1e12:.2f}", "",
              f"| case | side | steady tokens/s | x plain | seconds to step 2 | peak {memory} (GB) | tokens per step "
              "| MFU | held-out loss |",
              "|---|---|---|---|---|---|---|---|---|"]

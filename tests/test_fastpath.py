@@ -387,6 +387,25 @@ def test_bench_names_an_unknown_case(capsys):
     assert "--cases: unknown nope; choose from sft-lora-json, sft-lora-chat" in capsys.readouterr().err
 
 
+def test_bench_table_names_the_machine_and_its_ratios_and_mfu():
+    """The table says what it was measured on (its figures differ by CPU: AMX or not), and computes the ratio to the
+    first side and MFU (4 x parameters for LoRA SFT, 6 x for pretraining) against the measured rate."""
+    from finetune.bench import _table, machine
+
+    rows = [{"case": "sft-lora-json", "side": "trl", "tokens_per_second": 100.0, "warmup_seconds": 20.0,
+             "peak_rss_mib": 3072.0, "parameters": 10**8, "heldout_loss": 0.25},
+            {"case": "sft-lora-json", "side": "finetune", "tokens_per_second": 450.0, "warmup_seconds": 8.0,
+             "peak_rss_mib": 2048.0, "parameters": 10**8, "heldout_loss": 0.02, "tokens_per_step": 930},
+            {"case": "pretrain", "side": "finetune", "tokens_per_second": 4000.0, "warmup_seconds": 9.0,
+             "peak_rss_mib": 1024.0, "parameters": 7 * 10**6}]
+    lines = _table(rows, {2048: 4e11}).splitlines()
+    assert lines[0] == f"Machine: {machine()}" and machine()
+    assert lines[2] == "bf16 matmul measured in this run (TFLOP/s): 2048x2048 0.40; MFU against 0.40"
+    assert lines[6] == "| sft-lora-json | trl | 100 | 1.00 | 20 | 3.00 | - | 10.0% | 0.2500 |"
+    assert lines[7] == "| sft-lora-json | finetune | 450 | 4.50 | 8 | 2.00 | 930 | 45.0% | 0.0200 |"
+    assert lines[8] == "| pretrain | finetune | 4000 | 1.00 | 9 | 1.00 | - | 42.0% | - |"
+
+
 def test_malloc_tunable_set_where_it_changes_something(tmp_path):
     """The command re-executes itself with glibc's huge-page tunable only where transparent huge pages are given on
     request ("madvise"), keeping a user's own tunables, and never twice or when turned off."""
