@@ -176,7 +176,8 @@ def test_dpo_without_init_from_trains_a_fresh_adapter_against_the_base(tmp_path,
 
 def test_dpo_held_out_loss_from_the_margins_is_trls_eval_loss(tmp_path, tiny_llama, sft_run, pref_files):
     """The held-out DPO loss taken from the policy's margins after training and before it (the reference's) is
-    the loss TRL's evaluation computes with its policy and reference passes over the same pairs."""
+    the loss TRL's evaluation computes with its policy and reference passes over the same pairs; where TRL would
+    truncate a pair, the loss is TRL's evaluation's."""
     from finetune.stages import dpo, runner
 
     train, heldout = pref_files
@@ -193,6 +194,15 @@ def test_dpo_held_out_loss_from_the_margins_is_trls_eval_loss(tmp_path, tiny_lla
     assert after["eval_loss"] == pytest.approx(trl["eval_loss"], rel=1e-4), (after, trl)
     assert after["eval_rewards/margins"] == pytest.approx(trl["eval_rewards/margins"], rel=1e-3, abs=1e-5)
     assert after["eval_rewards/accuracies"] == pytest.approx(trl["eval_rewards/accuracies"])
+    # Held-out pairs longer than max_length are scored truncated by TRL: then its evaluation gives the loss.
+    data = trainer.eval_dataset
+    longest = max(len(p) + max(len(c), len(r)) for p, c, r in zip(data["prompt_ids"], data["chosen_ids"],
+                                                                  data["rejected_ids"]))
+    assert dpo._untruncated(trainer, len(data)) and not dpo._untruncated(trainer, len(data) + 1)  # + 1: one dropped
+    trainer.args.max_length = longest - 1
+    assert not dpo._untruncated(trainer, len(data))
+    truncated = dpo.held_out(trainer, built.prepared)
+    assert truncated["eval_loss"] == trl["eval_loss"] and truncated["preference"] == after["preference"]
 
 
 def test_export_of_a_chain_merges_its_one_adapter_into_the_base(tmp_path, tiny_llama, sft_run, pref_files):

@@ -12,7 +12,8 @@ p(rejected), overall and per rejection type, before and after; and after, the he
 accuracy against the reference. For the plain sigmoid loss these come from the same log-probabilities: the policy
 before its first step is its reference (its margins are the reference's), so the loss is
 mean(-log sigmoid(beta x (margin after - margin before))) with no second pass over the pairs (TRL's evaluation
-makes two, policy and reference: ~60 s on the demo's 80 pairs here). Other losses: TRL's evaluation.
+makes two, policy and reference: ~60 s on the demo's 80 pairs here). Other losses, and held-out pairs that
+TRL truncates (longer than `train.max_length`): TRL's evaluation.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def held_out(trainer, prepared) -> dict | None:
         trainer.heldout_reference_margins = margins
         return figures
     reference = getattr(trainer, "heldout_reference_margins", None)
-    if reference is not None and _plain_sigmoid(trainer.args):
+    if reference is not None and _plain_sigmoid(trainer.args) and _untruncated(trainer, len(rows)):
         rewards = [trainer.args.beta * (m - r) for m, r in zip(margins, reference)]
         figures.update({"eval_loss": round(sum(_softplus(-x) for x in rewards) / len(rewards), 6),
                         "eval_rewards/margins": round(sum(rewards) / len(rewards), 6),
@@ -73,6 +74,18 @@ def _plain_sigmoid(args) -> bool:
     return (loss == ["sigmoid"] and not args.label_smoothing and list(args.loss_weights or [1.0]) == [1.0]
             and args.ld_alpha is None and not args.use_weighting and not args.sync_ref_model
             and str(args.f_divergence_type).endswith("reverse_kl"))
+
+
+def _untruncated(trainer, pairs: int) -> bool:
+    """Whether TRL's evaluation scores every held-out pair whole: none dropped (a prompt that fills max_length) and
+    none cut to max_length. The log-probabilities above are of whole answers; where TRL truncates, its loss is of
+    the truncated ones, so it is computed by TRL's evaluation instead."""
+    data, limit = trainer.eval_dataset, trainer.args.max_length
+    columns = ("prompt_ids", "chosen_ids", "rejected_ids")
+    if not all(c in getattr(data, "column_names", ()) for c in columns) or len(data) != pairs:
+        return False
+    return limit is None or all(len(p) + max(len(c), len(r)) <= limit
+                                for p, c, r in zip(*(data[c] for c in columns)))
 
 
 def _softplus(x: float) -> float:
