@@ -13,7 +13,7 @@ accuracy against the reference. For the plain sigmoid loss these come from the s
 before its first step is its reference (its margins are the reference's), so the loss is
 mean(-log sigmoid(beta x (margin after - margin before))) with no second pass over the pairs (TRL's evaluation
 makes two, policy and reference: ~60 s on the demo's 80 pairs here). Other losses, and held-out pairs that
-TRL truncates (longer than `train.max_length`): TRL's evaluation.
+TRL truncates (longer than `data.max_length`): TRL's evaluation.
 """
 
 from __future__ import annotations
