@@ -18,7 +18,9 @@ no allocator slack) the estimate runs high: 25 GiB against 13.8 measured for Smo
 
 from __future__ import annotations
 
+import json
 import resource
+from pathlib import Path
 
 import torch
 
@@ -92,8 +94,7 @@ def fit_cuda_batch(trainer, recipe, prepared, tokens_per_step: int | None, share
     `share` of the GPU's free memory, whichever is fewer; never below the recipe's batch. Evaluation takes at least
     as many rows. Returns what was done, for the log (None: nothing)."""
     args = trainer.args
-    if tokens_per_step is None or not torch.cuda.is_available() or recipe.train.stage != "sft" \
-            or not recipe.data.packing or args.use_cpu:
+    if not _fits_cuda_batch(trainer, recipe, tokens_per_step):
         return None
     batch, length = args.per_device_train_batch_size, recipe.data.max_length or 1024
     now = estimate(trainer, recipe, prepared)
@@ -108,14 +109,39 @@ def fit_cuda_batch(trainer, recipe, prepared, tokens_per_step: int | None, share
         chosen = int(least.item())
     if chosen == batch:
         return None
-    args.per_device_train_batch_size = chosen
-    trainer._train_batch_size = args.train_batch_size  # what Trainer built from the batch size (its dataloader's)
-    args.per_device_eval_batch_size = max(args.per_device_eval_batch_size, chosen)  # no-grad: fits where training does
+    _set_batch(trainer, chosen)
     limit = ("train.gpu_tokens_per_step" if chosen == wanted
              else f"as many rows as the memory estimate fits in {share:.0%} of {free / 1024:.1f} GiB free")
     tokens = chosen * length * args.gradient_accumulation_steps
     return (f"CUDA: per-device batch {batch} -> {chosen}, {tokens:,} tokens per optimizer step ({limit}; "
             "train.gpu_tokens_per_step: null keeps the recipe's batch)")
+
+
+def pin_resumed_batch(trainer, recipe, checkpoint) -> str | None:
+    """A resumed run where `fit_cuda_batch` applies keeps the batch its checkpoint was trained with (trainer_state.json
+    records it), not what the GPU's free memory fits now: the same rows a step, so the same data order and steps as
+    the run it continues. Returns what was done, for the log (None: nothing)."""
+    if not _fits_cuda_batch(trainer, recipe, recipe.train.gpu_tokens_per_step):
+        return None
+    saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("train_batch_size")
+    rows = saved // max(1, trainer.args.n_gpu) if saved else None
+    if not rows or rows == trainer.args.per_device_train_batch_size:
+        return None
+    before = trainer.args.per_device_train_batch_size
+    _set_batch(trainer, rows)
+    return f"CUDA: per-device batch {before} -> {rows}, the batch {Path(checkpoint).name} was trained with"
+
+
+def _fits_cuda_batch(trainer, recipe, tokens_per_step) -> bool:
+    return tokens_per_step is not None and torch.cuda.is_available() and recipe.train.stage == "sft" \
+        and recipe.data.packing and not trainer.args.use_cpu
+
+
+def _set_batch(trainer, rows: int) -> None:
+    args = trainer.args
+    args.per_device_train_batch_size = rows
+    trainer._train_batch_size = args.train_batch_size  # what Trainer built from the batch size (its dataloader's)
+    args.per_device_eval_batch_size = max(args.per_device_eval_batch_size, rows)  # no-grad: fits where training does
 
 
 def _longest(dataset, sample: int = 5000) -> int | None:

@@ -223,6 +223,22 @@ def test_on_cuda_packed_sft_fills_the_token_budget_the_memory_estimate_allows(tm
     trainer, message, _ = built(1024, 80, accumulation=2)  # the budget is per optimizer step: 4 rows, twice
     assert trainer.args.per_device_train_batch_size == 4
     assert message.startswith("CUDA: per-device batch 2 -> 4, 1,024 tokens per optimizer step (")
+    # A resume keeps the batch its checkpoint was trained with (trainer_state.json), not what free memory fits now.
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 3, "train_batch_size": 4}))
+    trainer, message, _ = built(1024, 80)
+    resumed = tiny_recipe(tmp_path, tiny_llama, chat_file, data={"packing": True}, train={"gpu_tokens_per_step": 1024})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert memory.pin_resumed_batch(trainer, resumed, checkpoint) \
+        == "CUDA: per-device batch 8 -> 4, the batch checkpoint-3 was trained with"
+    assert trainer.args.per_device_train_batch_size == 4 and trainer._train_batch_size == 4
+    assert memory.pin_resumed_batch(trainer, resumed, checkpoint) is None  # already that batch
+    trainer.args.use_cpu = True  # the CPU keeps the recipe's batch, resumed or not
+    trainer.args.per_device_train_batch_size = 2
+    assert memory.pin_resumed_batch(trainer, resumed, checkpoint) is None
+    assert trainer.args.per_device_train_batch_size == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     trainer, message, _ = built(None, 80)
     assert message is None and trainer.args.per_device_train_batch_size == 2
     trainer, message, _ = built(1024, 0.001)  # no room: the recipe's batch stays

@@ -9,7 +9,8 @@
    trains its tokenizer instead (finetune/scratch.py; stage pretrain).
 3. A resume (train.resume): the checkpoint it names, refused if the recipe, data hashes or library versions
    differ from run.json's (unless train.resume_changes) or if its pickles would run code (finetune/trust.py);
-   later checkpoints set aside, metrics logged after it dropped (finetune/checkpoints.py).
+   later checkpoints set aside, metrics logged after it dropped (finetune/checkpoints.py); on CUDA, the batch the
+   checkpoint was trained with, not a new fit to free memory (finetune/memory.py).
 4. Replace output_dir (overwrite=true) only now that everything loaded; write run.json (status running, and the
    process that writes it, so that a killed run reads as interrupted).
 5. Held-out figures before, train (SIGINT/SIGTERM: checkpoint and stop), held-out figures after. Checkpoints are
@@ -248,6 +249,9 @@ def _train(recipe: Recipe, run_dir: Path, callbacks) -> Path:
     built.resume_from = _resume_checkpoint(recipe, run_dir, built) if recipe.train.resume is not False else None
     if built.resume_from:  # every process, before the Trainer unpickles its optimizer, scheduler and RNG states
         trust.check_checkpoint(built.resume_from, f"{recipe.source}: train.resume")
+        pinned = memory.pin_resumed_batch(trainer, recipe, built.resume_from)
+        if pinned and state.is_main_process:
+            print(pinned, flush=True)
     # --- The run directory (checked above): replaced (overwrite=true) only now that the recipe, model and data
     # have all loaded, so a failing recipe never costs the previous run.
     if state.is_main_process:
