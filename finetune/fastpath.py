@@ -397,7 +397,7 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
     q, k, v = (_ToDocs.apply(t.transpose(0, 1).reshape(t.shape[1], batch * tokens, dim), index, valid)
                for t in (query, key, value))
     if q.is_cuda:  # flash/memory-efficient kernels; exact for right-padded documents under is_causal
-        k, v, gqa = _grouped(q, k, v)
+        k, v, gqa = _grouped(q, k, v, p_drop)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, scale=scale, is_causal=True, **gqa)
     else:  # the CPU flash kernel's backward is slow at these sizes; bf16 matmuls with an fp32 softmax are not
         k, v = repeat_kv(k, heads // k.shape[1]), repeat_kv(v, heads // v.shape[1])
@@ -416,7 +416,7 @@ def attend_documents(query, key, value, lengths: list[int], scale: float, p_drop
     on bench_chat's 2,048-token rows of 50-940-token documents). query [batch, heads, tokens, dim] ->
     [batch, tokens, heads, dim]."""
     batch, heads, tokens, dim = query.shape
-    key, value, gqa = _grouped(query, key, value)
+    key, value, gqa = _grouped(query, key, value, p_drop)
     if batch > 1:  # one row of every token (a document ends where its row does, as in transformers' own mask)
         query, key, value = (t.transpose(0, 1).reshape(1, t.shape[1], batch * tokens, dim)
                              for t in (query, key, value))
@@ -428,19 +428,31 @@ def attend_documents(query, key, value, lengths: list[int], scale: float, p_drop
     return out.transpose(1, 2)
 
 
-def _grouped(query, key, value):
+def _grouped(query, key, value, p_drop: float = 0.0):
     """Grouped key/value heads for sdpa: passed as they are (`enable_gqa`) where the kernel takes them (the CPU's
-    flash kernel; on CUDA the flash kernel, for bf16/fp16 and head dims up to 256), which keeps a third (SmolLM2) of
-    the repeated copies out of what backward holds; otherwise repeated (transformers' repeat_kv)."""
+    flash kernel; on CUDA the flash kernel, where torch says it can run this causal call: its GPU, dtype and head
+    size), which keeps a third (SmolLM2) of the repeated copies out of what backward holds; otherwise repeated
+    (transformers' repeat_kv), since sdpa's other CUDA kernels would take grouped heads in its slow math kernel."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
     groups = query.shape[1] // key.shape[1]
     if groups == 1:
         return key, value, {}
-    if not query.is_cuda or (torch.backends.cuda.flash_sdp_enabled() and query.dtype in (torch.bfloat16, torch.float16)
-                             and query.shape[-1] <= 256):
+    if not query.is_cuda or _cuda_flash_takes(query, key, value, p_drop):
         return key, value, {"enable_gqa": True}
     return repeat_kv(key, groups), repeat_kv(value, groups), {}
+
+
+def _cuda_flash_takes(query, key, value, p_drop: float) -> bool:
+    """Whether sdpa's CUDA flash kernel runs a causal call on grouped heads (torch's own check of the GPU, dtypes,
+    shapes and settings; where that check is missing, the flag and the kernel's dtypes and head sizes)."""
+    if not torch.backends.cuda.flash_sdp_enabled():
+        return False
+    try:
+        params = torch.backends.cuda.SDPAParams(query, key, value, None, p_drop, True, True)
+        return bool(torch.backends.cuda.can_use_flash_attention(params, False))
+    except (AttributeError, TypeError, RuntimeError):  # a torch without the check, or without enable_gqa in it
+        return query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] <= 256
 
 
 _installed = False

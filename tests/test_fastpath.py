@@ -169,6 +169,17 @@ def test_long_documents_attended_one_call_each(dtype, monkeypatch):
     _assert_same(_tiny_lora(dtype, kv_heads=1), inputs, dtype, route="documents")
 
 
+def test_grouped_heads_reach_the_cuda_flash_kernel_only_where_torch_says_it_runs_them():
+    """On CUDA, grouped key/value heads go to sdpa unrepeated only where torch's own check says its flash kernel
+    takes the call (other kernels would run it in the math kernel). The check is called as this torch defines it:
+    for CPU tensors it answers no, where the fallback (dtype and head size) would say yes."""
+    q = torch.zeros(1, 6, 8, 64, dtype=torch.bfloat16)
+    kv = torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16)
+    assert fastpath._cuda_flash_takes(q, kv, kv, 0.0) is False
+    key, value, gqa = fastpath._grouped(q, kv, kv)  # the CPU's flash kernel takes grouped heads
+    assert key is kv and gqa == {"enable_gqa": True}
+
+
 def test_documents_attend_only_to_themselves():
     """A document's logits are the same alone as packed behind another one."""
     fastpath.install_attention()
