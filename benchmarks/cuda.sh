@@ -3,7 +3,8 @@
 # README's GPU figures were made. Run from the repository root with the dependencies importable:
 #   bash benchmarks/cuda.sh OUTDIR [TOKDIR]
 # TOKDIR: SmolLM2-135M's tokenizer and config files where the embedded model is not at hand (see random_models.py).
-# Tables go to OUTDIR/*.md; the models to $MODELS (default: a new temporary folder).
+# Tables go to OUTDIR/*.md; the models to $MODELS (default: a new temporary folder). The cases run in the order of
+# what a short device session most needs measured (the 135M's speed and memory first).
 set -u
 OUT=${1:-bench-cuda}; TOKDIR=${2:-}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -12,11 +13,11 @@ python3 benchmarks/random_models.py "$MODELS" --big ${TOKDIR:+--tokdir "$TOKDIR"
 bench() { local name=$1; shift; echo "== $name: $*"; python3 -m finetune bench --out "$OUT/$name.md" "$@" 2>&1 | tail -n 40; }
 # SmolLM2-135M LoRA: plain TRL defaults vs the toolkit's default path (16,384 tokens per step on CUDA)
 bench smol-lora --model "$MODELS/smol" --cases sft-lora-chat --sides trl,finetune --max-steps 12
-# 1B Llama shape: LoRA and QLoRA, the toolkit's default path
-bench llama1b --model "$MODELS/llama1b" --cases sft-lora-chat,sft-qlora-chat --sides finetune --max-steps 10
 # SmolLM2-135M LoRA with activation checkpointing: its memory at 16,384 tokens per step
 bench smol-lora-checkpointing --model "$MODELS/smol" --cases sft-lora-chat --sides finetune --max-steps 12 \
   --set train.activation_checkpointing=true
+# 1B Llama shape: LoRA and QLoRA, the toolkit's default path
+bench llama1b --model "$MODELS/llama1b" --cases sft-lora-chat,sft-qlora-chat --sides finetune --max-steps 10
 # 1B Llama shape at 32,768 tokens per step
 bench llama1b-32k --model "$MODELS/llama1b" --cases sft-lora-chat --sides finetune --max-steps 10 \
   --set train.gpu_tokens_per_step=32768

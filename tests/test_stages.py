@@ -174,6 +174,78 @@ def test_dpo_without_init_from_trains_a_fresh_adapter_against_the_base(tmp_path,
     assert run["chain"] == [{"stage": "dpo", "run_dir": str(run_dir)}]
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_preference_stages_score_labelled_positions_only_with_trls_loss_and_gradients(tmp_path, tiny_llama, pref_files,
+                                                                                      dtype, monkeypatch):
+    """DPO (KTO, GRPO and RLOO take the same TRL head) on the CPU: TRL's fused LM head projects only the positions
+    with a label, as it does where its Triton kernel runs, and the loss and every gradient are those of its
+    every-position route on the CPU (fp32: to 1e-6; bf16 base: to 1e-3). During training the compact route is on;
+    after it, and with train.fast_path: false, TRL's own."""
+    import contextlib
+
+    import trl.trainer.utils as trl_utils
+    from transformers import TrainerCallback
+    from trl import DPOTrainer
+
+    from finetune import fastpath
+    from finetune.stages import runner
+
+    train, _ = pref_files
+    cpu = torch.device("cpu")
+    trainer = runner.build(_recipe(tmp_path, tiny_llama, train, "dpo", model={"dtype": dtype},
+                                   train={"max_steps": 1})).trainer
+    assert isinstance(trainer, DPOTrainer) and type(trainer) is not DPOTrainer
+    scored = []
+    chunked = trl_utils._ChunkedLogProbFunction
+
+    class Spy:  # the rows TRL's head projects, passed on to it unchanged
+        @staticmethod
+        def apply(hidden, *args):
+            scored.append(hidden.shape[0])
+            return chunked.apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Spy)
+    model = trainer.model
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # away from the reference, so that every gradient is non-zero
+            param.data.normal_(0, 0.5)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    labelled, every = int(batch["completion_mask"][:, 1:].sum()), batch["input_ids"][:, 1:].numel()
+    assert labelled < every
+
+    def loss_and_gradients(compact: bool):
+        model.train()
+        model.zero_grad()
+        scored.clear()
+        with fastpath.compact_fused_head() if compact else contextlib.nullcontext():
+            loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, scored[:]
+
+    loss, grads, rows = loss_and_gradients(True)
+    plain_loss, plain_grads, plain_rows = loss_and_gradients(False)
+    assert rows == [labelled, labelled] and plain_rows == [every, every]  # policy and reference passes
+    tolerance = {"fp32": 1e-6, "bf16": 1e-3}[dtype]
+    assert abs(loss.item() - math.log(2)) > 0.01  # the policy is not its reference
+    torch.testing.assert_close(loss, plain_loss, rtol=tolerance, atol=tolerance)
+    assert grads.keys() == plain_grads.keys() and all(g.abs().sum() > 0 for g in grads.values())
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=tolerance, atol=tolerance, msg=name)
+
+    during = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, *args, **kwargs):
+            during.append(trl_utils._use_triton(cpu))
+
+    trainer.add_callback(Probe())
+    trainer.train()
+    assert during == [True] and trl_utils._use_triton(cpu) is False
+    plain = runner.build(_recipe(tmp_path, tiny_llama, train, "dpo", train={"fast_path": False})).trainer
+    assert type(plain) is DPOTrainer
+
+
 def test_dpo_held_out_loss_from_the_margins_is_trls_eval_loss(tmp_path, tiny_llama, sft_run, pref_files):
     """The held-out DPO loss taken from the policy's margins after training and before it (the reference's) is
     the loss TRL's evaluation computes with its policy and reference passes over the same pairs; where TRL would

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 from finetune import data as data_lib
+from finetune import fastpath
 from finetune.logprobs import pair_summary, preference_margins
 from finetune.stages import runner
 
@@ -42,8 +43,10 @@ def prepare(recipe, tokenizer, chat, seed):
 def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, recipe):
     from trl import DPOTrainer
 
-    return DPOTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
-                      processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    # TRL's fused head at labelled positions only, on the CPU too (finetune/fastpath.py)
+    trainer_class = fastpath.compact_head_trainer(DPOTrainer) if recipe.train.fast_path else DPOTrainer
+    return trainer_class(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
 
 
 def held_out(trainer, prepared) -> dict | None:

@@ -17,6 +17,7 @@ bitsandbytes repacking that would otherwise silently stop LoRA gradients after i
 from __future__ import annotations
 
 from finetune import data as data_lib
+from finetune import fastpath
 from finetune import rewards as rewards_lib
 from finetune.errors import FinetuneError
 from finetune.stages import runner
@@ -50,9 +51,11 @@ def reward_inputs(recipe) -> dict:
 def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, recipe):
     from trl import GRPOTrainer
 
-    trainer = GRPOTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
-                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
-                          **reward_inputs(recipe))
+    # TRL's fused head at labelled positions only, on the CPU too (finetune/fastpath.py)
+    trainer_class = fastpath.compact_head_trainer(GRPOTrainer) if recipe.train.fast_path else GRPOTrainer
+    trainer = trainer_class(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
+                            processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
+                            **reward_inputs(recipe))
     trainer.add_callback(completion_log(trainer, recipe.output_dir))
     return trainer
 

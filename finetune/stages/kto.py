@@ -11,6 +11,7 @@ undesirable held-out completions under the policy, and their gap.
 from __future__ import annotations
 
 from finetune import data as data_lib
+from finetune import fastpath
 from finetune.logprobs import completion_logps
 from finetune.stages import runner
 
@@ -31,8 +32,10 @@ def prepare(recipe, tokenizer, chat, seed):
 def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, recipe):
     from trl import KTOTrainer
 
-    return KTOTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
-                      processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    # TRL's fused head at labelled positions only, on the CPU too (finetune/fastpath.py)
+    trainer_class = fastpath.compact_head_trainer(KTOTrainer) if recipe.train.fast_path else KTOTrainer
+    return trainer_class(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
 
 
 def held_out(trainer, prepared) -> dict | None:

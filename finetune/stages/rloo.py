@@ -9,6 +9,7 @@ weighs the KL penalty to the reference model. Sampled answers and their rewards 
 
 from __future__ import annotations
 
+from finetune import fastpath
 from finetune.stages import runner
 from finetune.stages.grpo import (  # noqa: F401 - the same as GRPO's
     DEFAULTS,
@@ -28,9 +29,11 @@ TASK = "causal_lm"
 def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, recipe):
     from trl import RLOOTrainer
 
-    trainer = RLOOTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
-                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
-                          **reward_inputs(recipe))
+    # TRL's fused head at labelled positions only, on the CPU too (finetune/fastpath.py)
+    trainer_class = fastpath.compact_head_trainer(RLOOTrainer) if recipe.train.fast_path else RLOOTrainer
+    trainer = trainer_class(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
+                            processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
+                            **reward_inputs(recipe))
     trainer.add_callback(completion_log(trainer, recipe.output_dir))
     return trainer
 
