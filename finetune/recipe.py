@@ -168,7 +168,8 @@ class TrainConfig:
     max_nonfinite_skips: int = field_spec(10, "on_nonfinite: skip: stop the run once more steps than this were "
                                               "skipped.", minimum=0)
     fast_path: bool = field_spec(True, "SFT and pretraining: logits only where the loss is taken, attention within "
-                                       "each packed document, LoRA in the base's dtype (finetune/fastpath.py). "
+                                       "each packed document, LoRA in the base's dtype; DPO, KTO, GRPO, RLOO: TRL's "
+                                       "head scores only labelled positions on the CPU too (finetune/fastpath.py). "
                                        "false: the plain TRL/transformers step.")
     gpu_tokens_per_step: int | None = field_spec(
         16384, "On CUDA, packed SFT: the per-device batch is raised to this many tokens per optimizer step (batch x "
