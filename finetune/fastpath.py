@@ -605,7 +605,8 @@ def compact_fused_head():
     its Triton kernel runs (CUDA, XPU), and every position elsewhere, the CPU included (for compilers that would
     recompile for every count of labels), then drops the unlabelled ones. Here the CPU too takes only the labelled
     positions, TRL's own compact route: each position's log-probability is computed as before (its projection and
-    log-softmax are its own row's), without the prompt's and the padding's (DPO recipe here: 4.8 -> 3.2 s a step).
+    log-softmax are its own row's), without the prompt's and the padding's (the shipped recipes' steps on a 2-core
+    CPU: DPO 4.8 -> 3.2 s, KTO 4.9 -> 3.4 s, GRPO 9.1 -> 7.7 s).
     A no-op where TRL has no such switch."""
     import trl.trainer.utils as trl_utils
 
