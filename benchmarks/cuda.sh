@@ -21,3 +21,12 @@ bench llama1b --model "$MODELS/llama1b" --cases sft-lora-chat,sft-qlora-chat --s
 # 1B Llama shape at 32,768 tokens per step
 bench llama1b-32k --model "$MODELS/llama1b" --cases sft-lora-chat --sides finetune --max-steps 10 \
   --set train.gpu_tokens_per_step=32768
+# Where the 135M step's time goes on the GPU (operators by device time; "GPU busy" is the share the GPU computed)
+echo "== profile smol-lora"; timeout 300 python3 benchmarks/profile_step.py recipes/smollm2-135m/sft_lora.yaml \
+  "model.name=$MODELS/smol" "data.datasets=[{name: bench_chat, split: train}]" data.max_length=1024 --steps 3 2>&1 \
+  | tail -n 30 | tee "$OUT/profile-smol-lora.txt"
+# The same step under torch.compile (train.torch_compile: transformers' TrainingArguments), compile time apart; at
+# most 5 minutes (on the CPU its first step compiled for 3 minutes and the next shapes compiled again)
+echo "== smol-lora-compile"; timeout 300 python3 -m finetune bench --out "$OUT/smol-lora-compile.md" \
+  --model "$MODELS/smol" --cases sft-lora-chat --sides finetune --max-steps 12 --set train.torch_compile=true 2>&1 \
+  | tail -n 40

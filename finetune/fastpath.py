@@ -27,10 +27,10 @@ without changing what is computed for the tokens that are trained:
 forward.
 5. The preference and RL stages (DPO, KTO, GRPO, RLOO) keep TRL's step, whose fused LM head scores answers at the
    positions with a label only where Triton runs and at every position elsewhere: on the CPU too, only where the
-   label is (`compact_head_trainer`).
+   label is (`compact_head_trainer`; the README's item 6).
 
 tests/test_fastpath.py checks that the loss and every gradient match the plain path (TRL's), in fp32 and bf16, for
-packed and padded batches.
+packed and padded batches; tests/test_stages.py the same for 5.
 """
 
 from __future__ import annotations
@@ -451,6 +451,8 @@ def _cuda_flash_takes(query, key, value, p_drop: float) -> bool:
     shapes and settings; where that check is missing, the flag and the kernel's dtypes and head sizes)."""
     if not torch.backends.cuda.flash_sdp_enabled():
         return False
+    if torch.compiler.is_compiling():  # torch's check is not traceable: the static one, no graph break
+        return query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] <= 256
     try:
         params = torch.backends.cuda.SDPAParams(query, key, value, None, p_drop, True, True)
         return bool(torch.backends.cuda.can_use_flash_attention(params, False))
@@ -622,10 +624,14 @@ def compact_fused_head():
 
 
 def compact_head_trainer(trainer_class):
-    """`trainer_class` whose training, evaluation and prediction (and so generation and its scoring, and a
-    precomputed reference) run under `compact_fused_head`."""
+    """`trainer_class` whose construction (where TRL precomputes a frozen reference's log-probabilities), training,
+    evaluation and prediction (and so generation and its scoring) run under `compact_fused_head`."""
 
     class Trainer(trainer_class):
+        def __init__(self, *args, **kwargs):
+            with compact_fused_head():
+                super().__init__(*args, **kwargs)
+
         def train(self, *args, **kwargs):
             with compact_fused_head():
                 return super().train(*args, **kwargs)

@@ -107,9 +107,12 @@ def fit_cuda_batch(trainer, recipe, prepared, tokens_per_step: int | None, share
         least = torch.tensor([chosen], device=args.device)
         torch.distributed.all_reduce(least, op=torch.distributed.ReduceOp.MIN)
         chosen = int(least.item())
+    # For a resume (pin_resumed_batch): the recipe's batches, and the rows the estimate fits now.
+    trainer.finetune_recipe_batches = (batch, args.per_device_eval_batch_size)
+    trainer.finetune_fitting_rows = fits
     if chosen == batch:
         return None
-    _set_batch(trainer, chosen)
+    _set_batch(trainer, chosen, max(args.per_device_eval_batch_size, chosen))  # no-grad: fits where training does
     limit = ("train.gpu_tokens_per_step" if chosen == wanted
              else f"as many rows as the memory estimate fits in {share:.0%} of {free / 1024:.1f} GiB free")
     tokens = chosen * length * args.gradient_accumulation_steps
@@ -120,16 +123,26 @@ def fit_cuda_batch(trainer, recipe, prepared, tokens_per_step: int | None, share
 def pin_resumed_batch(trainer, recipe, checkpoint) -> str | None:
     """A resumed run where `fit_cuda_batch` applies keeps the batch its checkpoint was trained with (trainer_state.json
     records it), not what the GPU's free memory fits now: the same rows a step, so the same data order and steps as
-    the run it continues. Returns what was done, for the log (None: nothing)."""
+    the run it continues; never below the recipe's batch (one changed under train.resume_changes), evaluation at the
+    rows it had. Returns what was done, for the log (None: nothing)."""
     if not _fits_cuda_batch(trainer, recipe, recipe.train.gpu_tokens_per_step):
         return None
+    args, name = trainer.args, Path(checkpoint).name
+    recipe_rows, recipe_eval = getattr(trainer, "finetune_recipe_batches",
+                                       (args.per_device_train_batch_size, args.per_device_eval_batch_size))
     saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("train_batch_size")
-    rows = saved // max(1, trainer.args.n_gpu) if saved else None
-    if not rows or rows == trainer.args.per_device_train_batch_size:
+    if not saved:
+        return (f"CUDA: {name} records no batch; the batch fitted now ({args.per_device_train_batch_size} rows) may "
+                "not be the one it was trained with, and the data order then differs from the run it continues")
+    rows = saved // max(1, args.n_gpu)
+    if rows == args.per_device_train_batch_size or rows < recipe_rows:
         return None
-    before = trainer.args.per_device_train_batch_size
-    _set_batch(trainer, rows)
-    return f"CUDA: per-device batch {before} -> {rows}, the batch {Path(checkpoint).name} was trained with"
+    before = args.per_device_train_batch_size
+    _set_batch(trainer, rows, max(recipe_eval, rows))
+    fits = getattr(trainer, "finetune_fitting_rows", None)
+    short = (f"; more than the {fits} the memory estimate fits in the GPU's free memory now: free GPU memory if it "
+             "runs out") if fits is not None and rows > fits else ""
+    return f"CUDA: per-device batch {before} -> {rows}, the batch {name} was trained with{short}"
 
 
 def _fits_cuda_batch(trainer, recipe, tokens_per_step) -> bool:
@@ -137,11 +150,11 @@ def _fits_cuda_batch(trainer, recipe, tokens_per_step) -> bool:
         and recipe.data.packing and not trainer.args.use_cpu
 
 
-def _set_batch(trainer, rows: int) -> None:
+def _set_batch(trainer, rows: int, eval_rows: int) -> None:
     args = trainer.args
     args.per_device_train_batch_size = rows
     trainer._train_batch_size = args.train_batch_size  # what Trainer built from the batch size (its dataloader's)
-    args.per_device_eval_batch_size = max(args.per_device_eval_batch_size, rows)  # no-grad: fits where training does
+    args.per_device_eval_batch_size = eval_rows
 
 
 def _longest(dataset, sample: int = 5000) -> int | None:

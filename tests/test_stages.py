@@ -195,13 +195,14 @@ def test_preference_stages_score_labelled_positions_only_with_trls_loss_and_grad
     trainer = runner.build(_recipe(tmp_path, tiny_llama, train, "dpo", model={"dtype": dtype},
                                    train={"max_steps": 1})).trainer
     assert isinstance(trainer, DPOTrainer) and type(trainer) is not DPOTrainer
-    scored = []
+    scored, routes = [], []
     chunked = trl_utils._ChunkedLogProbFunction
 
-    class Spy:  # the rows TRL's head projects, passed on to it unchanged
+    class Spy:  # the rows TRL's head projects, and whether its compact route is on, passed on to it unchanged
         @staticmethod
         def apply(hidden, *args):
             scored.append(hidden.shape[0])
+            routes.append(trl_utils._use_triton(cpu))
             return chunked.apply(hidden, *args)
 
     monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Spy)
@@ -242,8 +243,34 @@ def test_preference_stages_score_labelled_positions_only_with_trls_loss_and_grad
     trainer.add_callback(Probe())
     trainer.train()
     assert during == [True] and trl_utils._use_triton(cpu) is False
+    routes.clear()  # a reference precomputed when the trainer is built takes the compact route too
+    runner.build(_recipe(tmp_path, tiny_llama, train, "dpo", model={"dtype": dtype},
+                         train={"precompute_ref_log_probs": True}))
+    assert routes and all(routes)
     plain = runner.build(_recipe(tmp_path, tiny_llama, train, "dpo", train={"fast_path": False})).trainer
     assert type(plain) is DPOTrainer
+
+
+@pytest.mark.parametrize("stage", ["kto", "grpo", "rloo"])
+def test_kto_grpo_and_rloo_take_the_same_compact_head_unless_fast_path_is_off(tmp_path, tiny_llama, stage):
+    """KTO, GRPO and RLOO score through the same TRL head as DPO (above): their trainers take the compact route too,
+    and with train.fast_path: false are TRL's own classes."""
+    import trl
+
+    from finetune.stages import runner
+
+    trainer_class = {"kto": trl.KTOTrainer, "grpo": trl.GRPOTrainer, "rloo": trl.RLOOTrainer}[stage]
+    extra, train = {}, {}
+    if stage == "kto":
+        rows = [{"prompt": p["prompt"], "completion": p["chosen"], "label": True} for p in _pairs(8)]
+        data = write_jsonl(tmp_path / "kto.jsonl", rows)
+    else:
+        data = _prompt_file(tmp_path, GOOD, 8)
+        extra, train = {"rewards": [{"function": "exact_match"}]}, {"num_generations": 4}
+    fast = runner.build(_recipe(tmp_path, tiny_llama, data, stage, train=train, **extra)).trainer
+    assert isinstance(fast, trainer_class) and type(fast) is not trainer_class
+    plain = runner.build(_recipe(tmp_path, tiny_llama, data, stage, train={**train, "fast_path": False}, **extra))
+    assert type(plain.trainer) is trainer_class
 
 
 def test_dpo_held_out_loss_from_the_margins_is_trls_eval_loss(tmp_path, tiny_llama, sft_run, pref_files):

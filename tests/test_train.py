@@ -233,7 +233,18 @@ def test_on_cuda_packed_sft_fills_the_token_budget_the_memory_estimate_allows(tm
     assert memory.pin_resumed_batch(trainer, resumed, checkpoint) \
         == "CUDA: per-device batch 8 -> 4, the batch checkpoint-3 was trained with"
     assert trainer.args.per_device_train_batch_size == 4 and trainer._train_batch_size == 4
+    assert trainer.args.per_device_eval_batch_size == 4  # the rows evaluation had then (the recipe's 2, or the batch)
     assert memory.pin_resumed_batch(trainer, resumed, checkpoint) is None  # already that batch
+    trainer.finetune_fitting_rows = 3  # the GPU has less free memory now than the checkpoint's batch needs: said
+    trainer.args.per_device_train_batch_size = 8
+    assert memory.pin_resumed_batch(trainer, resumed, checkpoint).endswith(
+        "trained with; more than the 3 the memory estimate fits in the GPU's free memory now: free GPU memory if it "
+        "runs out")
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 3, "train_batch_size": 1}))
+    assert memory.pin_resumed_batch(trainer, resumed, checkpoint) is None  # never below the recipe's 2 rows
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    assert memory.pin_resumed_batch(trainer, resumed, checkpoint).startswith(
+        "CUDA: checkpoint-3 records no batch; the batch fitted now (4 rows) may not be the one it was trained with")
     trainer.args.use_cpu = True  # the CPU keeps the recipe's batch, resumed or not
     trainer.args.per_device_train_batch_size = 2
     assert memory.pin_resumed_batch(trainer, resumed, checkpoint) is None
