@@ -451,13 +451,14 @@ def _cuda_flash_takes(query, key, value, p_drop: float) -> bool:
     shapes and settings; where that check is missing, the flag and the kernel's dtypes and head sizes)."""
     if not torch.backends.cuda.flash_sdp_enabled():
         return False
+    static = query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] <= 256
     if torch.compiler.is_compiling():  # torch's check is not traceable: the static one, no graph break
-        return query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] <= 256
+        return static
     try:
         params = torch.backends.cuda.SDPAParams(query, key, value, None, p_drop, True, True)
         return bool(torch.backends.cuda.can_use_flash_attention(params, False))
     except (AttributeError, TypeError, RuntimeError):  # a torch without the check, or without enable_gqa in it
-        return query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] <= 256
+        return static
 
 
 _installed = False
