@@ -164,6 +164,26 @@ def test_run_json_records_what_later_commands_need(tmp_path, tiny_llama, chat_fi
     assert run["recipe"]["train"]["fast_path"] is True
 
 
+def test_memory_estimate_counts_activation_checkpointing_by_layer(tmp_path, tiny_llama, chat_file):
+    """With train.activation_checkpointing the estimate's activations are the checkpointed layers' (their saved
+    input and share of recomputation) and, with every_n_layers, full ones for the layers left out."""
+    from finetune import memory
+    from finetune.stages import runner
+
+    def activations(**train):
+        recipe = tiny_recipe(tmp_path, tiny_llama, chat_file, data={"packing": True}, train=train)
+        b = runner.build(recipe)
+        return memory.estimate(b.trainer, recipe, b.prepared)["activations"]
+
+    tokens, hidden = 2 * 128, 64  # two packed rows of 128; the tiny model: 2 layers of 64
+    unit = tokens * hidden / 2**20
+    full, recomputed = memory.BYTES_PER_ACTIVATION["fast"], memory.BYTES_PER_CHECKPOINTED_LAYER
+    assert activations() == pytest.approx(unit * 2 * full, abs=0.05)
+    assert activations(activation_checkpointing=True) == pytest.approx(unit * 2 * recomputed, abs=0.05)
+    assert activations(activation_checkpointing=True, activation_checkpointing_kwargs={"every_n_layers": 2}) \
+        == pytest.approx(unit * (recomputed + full), abs=0.05)  # layer 0 checkpointed, layer 1 keeps its own
+
+
 def test_overwrite_replaces_only_a_run_and_only_once_the_new_one_has_loaded(tmp_path, tiny_llama, chat_file):
     not_a_run = tmp_path / "run"
     not_a_run.mkdir()
