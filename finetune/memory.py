@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from finetune import fastpath
+from finetune import checkpoints, fastpath
 
 # Fitted to measured peak RSS on this project's CPU (`finetune bench`, 2026-11-27): bytes per (token x layer x
 # hidden unit) of a step: what is kept for backward, the transient work of attention and the MLP, allocator slack
@@ -147,7 +147,7 @@ def pin_resumed_batch(trainer, recipe, checkpoint) -> str | None:
     args, name = trainer.args, Path(checkpoint).name
     recipe_rows, recipe_eval = getattr(trainer, "finetune_recipe_batches",
                                        (args.per_device_train_batch_size, args.per_device_eval_batch_size))
-    saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("train_batch_size")
+    saved = json.loads((Path(checkpoint) / checkpoints.LAST_FILE).read_text()).get("train_batch_size")
     if not saved:
         return (f"CUDA: {name} records no batch; the batch fitted now ({args.per_device_train_batch_size} rows) may "
                 "not be the one it was trained with, and the data order then differs from the run it continues")
