@@ -67,12 +67,13 @@ def _error(grads, truth):
 
 def _assert_same(model, inputs, dtype, fast_context=None, route="layout"):
     """`route`: how the fast step attends: "layout" (documents one per row, padded), "documents" (one causal call
-    per document) or "sdpa" (transformers' own, over whole rows)."""
+    per document), "varlen" (CUDA: one flash call for all) or "sdpa" (transformers' own, over whole rows)."""
     fastpath.install_attention()
     calls = []
-    real, real_documents = fastpath._FromDocs.apply, fastpath.attend_documents
+    real, real_documents, real_varlen = fastpath._FromDocs.apply, fastpath.attend_documents, fastpath.attend_varlen
     fastpath._FromDocs.apply = lambda *a: calls.append("layout") or real(*a)
     fastpath.attend_documents = lambda *a: calls.append("documents") or real_documents(*a)
+    fastpath.attend_varlen = lambda *a: calls.append("varlen") or real_varlen(*a)
     truth_model = copy.deepcopy(model).float()  # the same weights, computed in fp32 the plain way
     truth_loss = _plain(truth_model, inputs)
     truth = _grads(truth_model, truth_loss)
@@ -82,7 +83,7 @@ def _assert_same(model, inputs, dtype, fast_context=None, route="layout"):
         with fast_context or contextlib.nullcontext():
             fast_loss, count = fastpath.supervised_nll(model, inputs)
     finally:
-        fastpath._FromDocs.apply, fastpath.attend_documents = real, real_documents
+        fastpath._FromDocs.apply, fastpath.attend_documents, fastpath.attend_varlen = real, real_documents, real_varlen
     assert calls == ([] if route == "sdpa" else [route] * 2)  # each of the 2 layers
     fast = _grads(model, fast_loss)
     assert int(count) == int((inputs["labels"][:, 1:] != -100).sum())
@@ -167,6 +168,19 @@ def test_long_documents_attended_one_call_each(dtype, monkeypatch):
     inputs = {k: torch.cat([a[k], b[k]]) for k in a}
     assert fastpath.doc_lengths(inputs["position_ids"]).tolist() == [25, 39, 30, 34]
     _assert_same(_tiny_lora(dtype, kv_heads=1), inputs, dtype, route="documents")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash kernel's variable-length form is CUDA's")
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_cuda_documents_attended_in_one_varlen_flash_call(kv_heads):
+    """On CUDA (bf16), every document of a packed batch in one call of the flash kernel's variable-length form,
+    grouped key/value heads as they are: short documents, long ones, and a document carried into the next row."""
+    a, b = _packed_batch(lengths=(25, 39), seed=2), _packed_batch(lengths=(30, 34), seed=3)
+    b["position_ids"][0, :30] += 25
+    rows = {k: torch.cat([a[k], b[k]]) for k in a}
+    for inputs in (_packed_batch(), _packed_batch(lengths=(40, 17, 33)), rows):
+        model = _tiny_lora(torch.bfloat16, kv_heads=kv_heads).cuda()
+        _assert_same(model, {k: v.cuda() for k, v in inputs.items()}, torch.bfloat16, route="varlen")
 
 
 def test_grouped_heads_reach_the_cuda_flash_kernel_only_where_torch_says_it_runs_them():
@@ -473,6 +487,60 @@ def test_lean_blocks_compute_the_same_values_and_gradients_bit_for_bit(dtype):
         results.append([out, x.grad, *(p.grad for p in block.parameters())])
     assert all(torch.equal(a, b) for a, b in zip(*results))
     assert "forward" not in block[0].__dict__ and "forward" not in block[1].__dict__
+
+
+@pytest.mark.parametrize("case", ["fp32", "bf16", "bf16 base, fp32 adapter under autocast"])
+def test_lora_sum_in_the_matmul_epilogue_matches_peft(case):
+    """`lean_blocks` computes peft's LoRA linear layers as base + addmm(scaling): outputs and the gradients of the
+    input and of A and B as peft's forward gives them. fp32: 1e-6 relative (one rounding of the scaled sum instead of
+    two); bf16: within peft's own bf16 error from the fp32 truth, times 2, plus 1e-3. A layer with dropout or DoRA
+    keeps peft's forward (the same output bit for bit, dropout's masks drawn from the same seed)."""
+    from peft import LoraConfig, get_peft_model
+
+    def layer(dtype, adapter_dtype, **config):
+        torch.manual_seed(0)
+        model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 96)).to(dtype),
+                               LoraConfig(r=8, lora_alpha=16, target_modules=["0"], **config))
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                torch.nn.init.normal_(p, std=0.1)
+                p.data = p.data.to(adapter_dtype)
+        return model
+
+    def run(model, x, fused, autocast):
+        model.zero_grad()
+        x = x.detach().requires_grad_()
+        with fastpath.lean_blocks(model) if fused else contextlib.nullcontext(), \
+                fastpath._lora_inputs_uncast(model, autocast), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if fused:
+                assert model.base_model.model[0].forward.__func__ is fastpath._lora_forward
+            out = model(x)
+        (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads = [x.grad] + [p.grad for n, p in model.named_parameters() if "lora_" in n]
+        return [t.detach().float() for t in [out, *grads]]
+
+    dtype = torch.float32 if case == "fp32" else torch.bfloat16
+    autocast = "autocast" in case
+    model = layer(dtype, torch.float32 if autocast else dtype)
+    x = torch.randn(2, 40, 64, dtype=dtype)
+    fused, plain = run(model, x, True, autocast), run(model, x, False, autocast)
+    if dtype == torch.float32:
+        for f, p in zip(fused, plain):
+            assert float((f - p).norm() / p.norm()) <= 1e-6
+    else:
+        truth = run(copy.deepcopy(model).float(), x.float(), False, False)
+        for f, p, t in zip(fused, plain, truth):
+            assert float((f - t).norm() / t.norm()) <= 2 * float((p - t).norm() / t.norm()) + 1e-3
+    for config in ({"lora_dropout": 0.5}, {"use_dora": True}):  # dropout: the same masks from the same seed
+        other = layer(torch.float32, torch.float32, **config)
+        assert fastpath._plain_lora_names(other.base_model.model[0]) == set()
+        with torch.no_grad(), fastpath.lean_blocks(other):
+            torch.manual_seed(1)
+            inside = other(x.float())
+        with torch.no_grad():
+            torch.manual_seed(1)
+            assert torch.equal(inside, other(x.float()))
 
 
 def test_lean_blocks_hold_less_for_backward():
