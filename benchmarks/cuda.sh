@@ -10,23 +10,24 @@ OUT=${1:-bench-cuda}; TOKDIR=${2:-}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 MODELS=${MODELS:-$(mktemp -d)}
 python3 benchmarks/random_models.py "$MODELS" --big ${TOKDIR:+--tokdir "$TOKDIR"} || exit 1
-bench() { local name=$1; shift; echo "== $name: $*"; python3 -m finetune bench --out "$OUT/$name.md" "$@" 2>&1 | tail -n 40; }
+bench() { local name=$1; shift; echo "== $name: $*"; timeout "${CASE_TIMEOUT:-600}" python3 -m finetune bench \
+  --out "$OUT/$name.md" "$@" 2>&1 | tail -n 40; }
 # SmolLM2-135M LoRA: plain TRL defaults vs the toolkit's default path (16,384 tokens per step on CUDA)
-bench smol-lora --model "$MODELS/smol" --cases sft-lora-chat --sides trl,finetune --max-steps 12
+bench smol-lora --model "$MODELS/smol" --cases sft-lora-chat --sides trl,finetune --max-steps 20
 # SmolLM2-135M LoRA with activation checkpointing: its memory at 16,384 tokens per step
 bench smol-lora-checkpointing --model "$MODELS/smol" --cases sft-lora-chat --sides finetune --max-steps 12 \
   --set train.activation_checkpointing=true
 # 1B Llama shape: LoRA and QLoRA, the toolkit's default path
-bench llama1b --model "$MODELS/llama1b" --cases sft-lora-chat,sft-qlora-chat --sides finetune --max-steps 10
+bench llama1b --model "$MODELS/llama1b" --cases sft-lora-chat,sft-qlora-chat --sides finetune --max-steps 15
 # 1B Llama shape at 32,768 tokens per step
 bench llama1b-32k --model "$MODELS/llama1b" --cases sft-lora-chat --sides finetune --max-steps 10 \
   --set train.gpu_tokens_per_step=32768
-# Where the 135M step's time goes on the GPU (operators by device time; "GPU busy" is the share the GPU computed)
-echo "== profile smol-lora"; timeout 300 python3 benchmarks/profile_step.py recipes/smollm2-135m/sft_lora.yaml \
-  "model.name=$MODELS/smol" "data.datasets=[{name: bench_chat, split: train}]" data.max_length=1024 --steps 3 2>&1 \
-  | tail -n 30 | tee "$OUT/profile-smol-lora.txt"
-# The same step under torch.compile (train.torch_compile: transformers' TrainingArguments), compile time apart; at
-# most 5 minutes (on the CPU its first step compiled for 3 minutes and the next shapes compiled again)
-echo "== smol-lora-compile"; timeout 300 python3 -m finetune bench --out "$OUT/smol-lora-compile.md" \
-  --model "$MODELS/smol" --cases sft-lora-chat --sides finetune --max-steps 12 --set train.torch_compile=true 2>&1 \
-  | tail -n 40
+# Where the step's time goes on the GPU (operators by device time and host time, kernel launches; "GPU busy" is the
+# share of the wall time the GPU computed), with one step's trace: PROFILE=1
+if [ "${PROFILE:-0}" = 1 ]; then
+  for model in smol llama1b; do
+    echo "== profile $model"; timeout 300 python3 benchmarks/profile_step.py recipes/smollm2-135m/sft_lora.yaml \
+      "model.name=$MODELS/$model" "data.datasets=[{name: bench_chat, split: train}]" data.max_length=1024 --steps 2 \
+      --trace "$OUT/trace-$model.json.gz" 2>&1 | tail -n 75 | tee "$OUT/profile-$model.txt"
+  done
+fi
