@@ -585,13 +585,21 @@ def _lora_forward(self, x, *args, **kwargs):
 
 def _plain_lora_names(layer) -> set:
     """The adapters of a peft LoRA layer that `_lora_forward` computes as peft would: vanilla LoRA, no dropout or
-    bias, adapters on and unmerged."""
+    bias, adapters on and unmerged, A and B plain (`_bare_linear`)."""
     if getattr(layer, "disable_adapters", True) or getattr(layer, "merged", True):
         return set()
     return {name for name in layer.lora_A if name not in getattr(layer, "lora_variant", {})
             and isinstance(layer.lora_dropout[name], torch.nn.Identity)
-            and type(layer.lora_A[name]) is torch.nn.Linear and layer.lora_A[name].bias is None
-            and type(layer.lora_B[name]) is torch.nn.Linear and layer.lora_B[name].bias is None}
+            and _bare_linear(layer.lora_A[name]) and _bare_linear(layer.lora_B[name])}
+
+
+def _bare_linear(module) -> bool:
+    """A linear layer without bias whose weight is whole here and whose forward is its own, with no hook around it
+    (FSDP and ZeRO-3 gather sharded weights in hooks: peft's FSDP wrapping policy shards LoRA's A and B on their
+    own), so that its weight can be used without calling it."""
+    return type(module) is torch.nn.Linear and module.bias is None and "forward" not in module.__dict__ \
+        and not (module._forward_hooks or module._forward_pre_hooks) \
+        and type(module.weight) is torch.nn.Parameter and module.weight.numel() > 0
 
 
 def _lora_linear_classes() -> tuple:

@@ -494,7 +494,8 @@ def test_lora_sum_in_the_matmul_epilogue_matches_peft(case):
     """`lean_blocks` computes peft's LoRA linear layers as base + addmm(scaling): outputs and the gradients of the
     input and of A and B as peft's forward gives them. fp32: 1e-6 relative (one rounding of the scaled sum instead of
     two); bf16: within peft's own bf16 error from the fp32 truth, times 2, plus 1e-3. A layer with dropout or DoRA
-    keeps peft's forward (the same output bit for bit, dropout's masks drawn from the same seed)."""
+    keeps peft's forward (the same output bit for bit, dropout's masks drawn from the same seed), as does one whose A
+    or B has a hook (FSDP's and ZeRO-3's gather sharded weights there)."""
     from peft import LoraConfig, get_peft_model
 
     def layer(dtype, adapter_dtype, **config):
@@ -532,6 +533,9 @@ def test_lora_sum_in_the_matmul_epilogue_matches_peft(case):
         truth = run(copy.deepcopy(model).float(), x.float(), False, False)
         for f, p, t in zip(fused, plain, truth):
             assert float((f - t).norm() / t.norm()) <= 2 * float((p - t).norm() / t.norm()) + 1e-3
+    hooked = layer(torch.float32, torch.float32)  # A sharded in a hook (FSDP's way): peft calls A, we do not
+    hooked.base_model.model[0].lora_A["default"].register_forward_pre_hook(lambda *_: None)
+    assert fastpath._plain_lora_names(hooked.base_model.model[0]) == set()
     for config in ({"lora_dropout": 0.5}, {"use_dora": True}):  # dropout: the same masks from the same seed
         other = layer(torch.float32, torch.float32, **config)
         assert fastpath._plain_lora_names(other.base_model.model[0]) == set()
