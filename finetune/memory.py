@@ -13,7 +13,8 @@ peak = what the process holds now (libraries, base weights, data: RSS on CPU, al
 Tokens per step: batch x max_length for packed rows, else batch x the longest tokenized row (capped at max_length).
 The constants were fitted to measured peaks on this project's CPU (below) and checked on QLoRA SFT and on the
 tiny pretraining recipe, which were not used to fit them; the README has the figures. On CUDA (allocated memory,
-no allocator slack) the estimate runs high: 25 GiB against 13.8 measured for SmolLM2-135M LoRA at 15.5k tokens.
+no allocator slack) the fast step's activations have their own constants, per hidden and per MLP unit, fitted to
+GPU runs (below); other steps there keep the CPU's, which run high.
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ BYTES_PER_ACTIVATION = {"fast": 85, "plain": 68}
 # shipped recipe (bench_chat at 2,048 tokens a step, json_extract at 1,024: +5% and -1%) and checked on the QLoRA
 # recipe (+11%); without it those runs' estimates were twice their peak.
 BYTES_PER_CHECKPOINTED_LAYER = 30
+# CUDA (allocated memory: no RSS, no allocator slack), the fast step: bytes kept per token and layer for each hidden
+# unit (norms' inputs and outputs, q/k/v/attention output, residual) and each MLP unit (gate, up and down's input),
+# fitted to the H200 runs of 2026-11-27 (SmolLM2-135M and the 1B Llama shape, LoRA at ~16k tokens a step: 30 and
+# 37.5 bytes per hidden unit in all) and checked on the 1B's QLoRA, the 1B at 32k tokens and the 135M checkpointed
+# (+8%, +9%, 0% with the margin). A checkpointed layer keeps its bf16 input, and one layer recomputes at a time.
+CUDA_BYTES_PER_HIDDEN = 15.3
+CUDA_BYTES_PER_MLP_UNIT = 5.55
+CUDA_BYTES_PER_CHECKPOINTED_HIDDEN = 2
+CUDA_MARGIN = 1.1  # the caching allocator's fragmentation, beside what is allocated
 BYTES_PER_LOGIT = {"fast": 16, "plain": 33}
 BYTES_PER_CHUNK_LOGIT = 12
 
@@ -83,11 +93,19 @@ def estimate(trainer, recipe, prepared) -> dict:
     else:
         logits = scored * vocab * BYTES_PER_LOGIT["fast" if fast else "plain"]
     recomputed = checkpointed_layers(trainer.args, layers)
+    if fast and torch.cuda.is_available() and not getattr(trainer.args, "use_cpu", False):
+        mlp = getattr(config, "intermediate_size", None) or 4 * hidden
+        layer = CUDA_BYTES_PER_HIDDEN * hidden + CUDA_BYTES_PER_MLP_UNIT * mlp
+        kept = (layers - recomputed) * layer + recomputed * CUDA_BYTES_PER_CHECKPOINTED_HIDDEN * hidden \
+            + (layer if recomputed else 0)
+        activations = tokens * kept * CUDA_MARGIN
+    else:
+        activations = tokens * hidden * ((layers - recomputed) * BYTES_PER_ACTIVATION["fast" if fast else "plain"]
+                                         + recomputed * BYTES_PER_CHECKPOINTED_LAYER)
     parts = {
         "now": current_mib(),
         "gradients_and_optimizer": trained * (4 + 8) / 2**20,
-        "activations": tokens * hidden * ((layers - recomputed) * BYTES_PER_ACTIVATION["fast" if fast else "plain"]
-                                          + recomputed * BYTES_PER_CHECKPOINTED_LAYER) / 2**20,
+        "activations": activations / 2**20,
         "logits": logits / 2**20,
     }
     parts = {k: round(v, 1) for k, v in parts.items()}

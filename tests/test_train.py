@@ -184,6 +184,33 @@ def test_memory_estimate_counts_activation_checkpointing_by_layer(tmp_path, tiny
         == pytest.approx(unit * (recomputed + full), abs=0.05)  # layer 0 checkpointed, layer 1 keeps its own
 
 
+def test_memory_estimate_on_cuda_counts_hidden_and_mlp_units(tmp_path, tiny_llama, chat_file, monkeypatch):
+    """On CUDA (stood in for) the fast step's activations are counted per hidden unit and per MLP unit of each layer
+    (the GPU runs' fit), with the allocator's margin; a checkpointed layer keeps its bf16 input and one layer
+    recomputes at a time. The CPU keeps its own constants."""
+    from finetune import memory
+    from finetune.stages import runner
+
+    def activations(cuda=True, **train):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        recipe = tiny_recipe(tmp_path, tiny_llama, chat_file, data={"packing": True}, train=train)
+        b = runner.build(recipe)
+        b.trainer.args.use_cpu = not cuda
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 100 * 2**20)
+        return memory.estimate(b.trainer, recipe, b.prepared)["activations"], b.trainer.model.config
+
+    full, config = activations()
+    tokens, hidden, mlp, layers = 2 * 128, config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    layer = memory.CUDA_BYTES_PER_HIDDEN * hidden + memory.CUDA_BYTES_PER_MLP_UNIT * mlp
+    assert full == pytest.approx(tokens * layers * layer * memory.CUDA_MARGIN / 2**20, abs=0.05)
+    checkpointed, _ = activations(activation_checkpointing=True)
+    kept = layers * memory.CUDA_BYTES_PER_CHECKPOINTED_HIDDEN * hidden + layer
+    assert checkpointed == pytest.approx(tokens * kept * memory.CUDA_MARGIN / 2**20, abs=0.05) and checkpointed < full
+    cpu, _ = activations(cuda=False)  # a CPU run on a machine with a GPU
+    assert cpu == pytest.approx(tokens * hidden * layers * memory.BYTES_PER_ACTIVATION["fast"] / 2**20, abs=0.05)
+
+
 def test_overwrite_replaces_only_a_run_and_only_once_the_new_one_has_loaded(tmp_path, tiny_llama, chat_file):
     not_a_run = tmp_path / "run"
     not_a_run.mkdir()
