@@ -17,15 +17,16 @@ without changing what is computed for the tokens that are trained:
    squared length; used where that is under a quarter of the rows' (long packed rows of short documents, as SFT
    packs them). Right padding under a causal mask leaves every real token's result exact. Long documents: one causal
    sdpa call each (`attend_documents`), where their triangles and the calls' fixed cost are under the rows' square.
-   On CUDA, every document of the batch in one call of the flash kernel's variable-length form (`attend_varlen`):
-   no padding and one kernel a layer, whatever the documents' lengths. Otherwise, and for batches with an attention
-   mask and models with soft-capping or sliding windows, transformers' own sdpa unchanged.
+   On CUDA, where the flash kernel takes the call (bf16/fp16, Ampere or later; torch's own check), every document of
+   the batch in one call of its variable-length form (`attend_varlen`): no padding and one kernel a layer, whatever
+   the documents' lengths; where it does not, the routes above. Otherwise, and for batches with an attention mask
+   and models with soft-capping or sliding windows, transformers' own sdpa unchanged.
 3. Lean blocks: Llama-family RMSNorms and SiLU MLPs keep their bf16 inputs for backward, not fp32 copies and silu's
    output (the same operations), and grouped key/value heads reach sdpa unrepeated where its kernel takes them.
 4. LoRA in the base's dtype: a bf16 base with an fp32 adapter computes its LoRA matmuls under autocast (the adapter
    and its optimizer state stay fp32) instead of copying every input to fp32 for each LoRA layer; and the low-rank
    term is added in its matmul's epilogue, scaled there (`_lora_forward`), not as a [tokens x out] product, a scaled
-   copy and a sum (on a CUDA 1B step these elementwise passes took ~10% of the GPU's time).
+   copy and a sum (on a CUDA 1B step these elementwise passes took ~8% of the GPU's kernel time).
 3 and 4 stay in place for the whole training step (`step_modules`), so activation checkpointing recomputes the same
 forward.
 5. The preference and RL stages (DPO, KTO, GRPO, RLOO) keep TRL's step, whose fused LM head scores answers at the
@@ -88,12 +89,12 @@ def supervised_nll(model, inputs: dict, num_items_in_batch=None, doc_attention: 
         lengths = doc_lengths(forward["position_ids"])
         documents, longest = lengths.numel(), int(lengths.max())
         batch, length = forward["position_ids"].shape
-        if documents > batch and forward["position_ids"].is_cuda:  # every document in one varlen flash call
-            forward.update(doc_cu=F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0)), doc_max=longest)
-        elif 4 * documents * longest**2 <= batch * length**2:  # pays only where documents are short next to rows
+        if 4 * documents * longest**2 <= batch * length**2:  # pays only where documents are short next to rows
             forward.update(doc_layout(forward["position_ids"]))
         elif documents > batch and (lengths.double() ** 2).sum() / 2 + documents * DOC_CALL_COST < batch * length**2:
             forward["doc_lengths"] = lengths.tolist()  # long documents: one causal call each, no masked blocks
+        if documents > batch and forward["position_ids"].is_cuda:  # all in one varlen flash call, where it runs
+            forward.update(doc_cu=F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0)), doc_max=longest)
     picked = targets[:, keep]
     picked[:, kept:] = -100
     head = _plain_head(model)
@@ -394,20 +395,23 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
     index, valid = kwargs.pop("doc_index", None), kwargs.pop("doc_valid", None)
     lengths = kwargs.pop("doc_lengths", None)
     cu, longest = kwargs.pop("doc_cu", None), kwargs.pop("doc_max", None)
-    if (index is None and lengths is None and cu is None) or kwargs.get("softcap") is not None \
-            or kwargs.get("sliding_window") is not None or query.shape[2] != key.shape[2]:
+    plain = kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None \
+        or query.shape[2] != key.shape[2] or value.shape[-1] != query.shape[-1]
+    p_drop = dropout if module.training else 0.0
+    if cu is not None and not plain and _varlen_runs and _cuda_flash_takes(query, key, value, p_drop):
+        try:
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            return attend_varlen(query, key, value, cu, longest, scale, p_drop), None
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # a torch whose kernel refuses the call: the routes below from now on
+            _varlen_failed(e)
+    # Where the flash kernel does not take the call (fp32, GPUs before Ampere, CPU): the route the step chose.
+    if (index is None and lengths is None) or plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     batch, heads, tokens, dim = query.shape
     scale = scaling if scaling is not None else dim**-0.5
-    p_drop = dropout if module.training else 0.0
-    if cu is not None:
-        if _varlen_runs and _cuda_flash_takes(query, key, value, p_drop):
-            try:
-                return attend_varlen(query, key, value, cu, longest, scale, p_drop), None
-            except RuntimeError as e:  # a torch whose kernel refuses the call: one call per document from now on
-                _varlen_failed(e)
-        lengths = torch.diff(cu).tolist()  # a GPU or dtype the flash kernel does not take: one call per document
     if lengths is not None:
         return attend_documents(query, key, value, lengths, scale, p_drop), None
     q, k, v = (_ToDocs.apply(t.transpose(0, 1).reshape(t.shape[1], batch * tokens, dim), index, valid)
@@ -453,7 +457,7 @@ def _varlen_failed(error: Exception) -> None:
 
     _varlen_runs = False
     warnings.warn(f"the CUDA flash kernel's variable-length form failed ({str(error).splitlines()[0][:200]}); "
-                  "packed documents are attended one sdpa call each", stacklevel=3)
+                  "packed documents are attended as on GPUs it does not run on", stacklevel=3)
 
 
 def attend_varlen(query, key, value, cu: torch.Tensor, longest: int, scale: float, p_drop: float = 0.0):
@@ -570,7 +574,8 @@ def _lora_forward(self, x, *args, **kwargs):
     backward (the scaling then multiplies [tokens x rank] gradients). The same sum, rounded once. Anything else (an
     adapter switched off or merged, mixed dtypes without autocast, extra arguments): peft's own forward."""
     name = self.active_adapters[0] if len(self.active_adapters) == 1 else None
-    if args or kwargs or name not in _plain_lora_names(self):
+    plain = self.__dict__.get("_finetune_plain_lora")  # found once per `lean_blocks` entry
+    if args or kwargs or name not in (plain if plain is not None else _plain_lora_names(self)):
         return type(self).forward(self, x, *args, **kwargs)
     a, b = self.lora_A[name].weight, self.lora_B[name].weight
     result = self.base_layer(x)
@@ -580,7 +585,7 @@ def _lora_forward(self, x, *args, **kwargs):
     h = F.linear(x, a)
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(),
                       alpha=self.scaling[name])
-    return out.view(result.shape)
+    return out.view(result.shape).to(result.dtype)  # as peft returns it (autocast may compute in another dtype)
 
 
 def _plain_lora_names(layer) -> set:
@@ -610,7 +615,7 @@ def _lora_linear_classes() -> tuple:
         from peft.tuners.lora import bnb
 
         classes += [getattr(bnb, name) for name in ("Linear4bit", "Linear8bitLt") if hasattr(bnb, name)]
-    except ImportError:
+    except (ImportError, RuntimeError):  # peft's bitsandbytes layers import bitsandbytes
         pass
     return tuple(classes)
 
@@ -643,12 +648,15 @@ def lean_blocks(model):
     swapped = [(m, f) for m, f in swapped if "forward" not in m.__dict__]  # one replaced already (a hook's) stays
     for module, forward in swapped:
         module.forward = forward.__get__(module)
+        if forward is _lora_forward:
+            module._finetune_plain_lora = _plain_lora_names(module)
     try:
         yield
     finally:
         for module, forward in swapped:
             if getattr(module.__dict__.get("forward"), "__func__", None) is forward:
                 del module.forward
+                module.__dict__.pop("_finetune_plain_lora", None)
 
 
 @contextlib.contextmanager

@@ -183,6 +183,48 @@ def test_cuda_documents_attended_in_one_varlen_flash_call(kv_heads):
         _assert_same(model, {k: v.cuda() for k, v in inputs.items()}, torch.bfloat16, route="varlen")
 
 
+def test_varlen_route_falls_back_to_the_route_the_step_chose(monkeypatch):
+    """Where the flash kernel does not take the call (here: CPU tensors), the cumulative lengths are ignored and the
+    step's own route runs (one call per document where it chose that; else transformers' sdpa over whole rows). A
+    kernel that refuses the call is warned about once and not tried again; running out of memory is not a refusal."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 24, 16), torch.randn(1, 2, 24, 16), torch.randn(1, 2, 24, 16)
+    cu, module = torch.tensor([0, 10, 24], dtype=torch.int32), SimpleNamespace(training=False, num_key_value_groups=2)
+    documents = torch.cat([fastpath.attend_documents(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], [b - a], 0.25)
+                           for a, b in ((0, 10), (10, 24))], dim=1)
+    out, _ = fastpath.packed_sdpa(module, q, k, v, None, scaling=0.25, doc_cu=cu, doc_max=14, doc_lengths=[10, 14])
+    torch.testing.assert_close(out, documents)
+    mask = torch.zeros(1, 1, 24, 24, dtype=torch.bool)
+    mask[..., :10, :10] = mask[..., 10:, 10:] = True
+    mask &= torch.ones(24, 24, dtype=torch.bool).tril()
+    whole, _ = fastpath.packed_sdpa(module, q, k, v, mask, scaling=0.25, doc_cu=cu, doc_max=14)
+    torch.testing.assert_close(whole, sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)[0])
+    torch.testing.assert_close(whole, documents)
+    monkeypatch.setattr(fastpath, "_cuda_flash_takes", lambda *a: True)
+    monkeypatch.setattr(fastpath, "_varlen_runs", True)
+
+    def out_of_memory(*a):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(fastpath, "attend_varlen", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        fastpath.packed_sdpa(module, q, k, v, None, scaling=0.25, doc_cu=cu, doc_max=14, doc_lengths=[10, 14])
+    assert fastpath._varlen_runs
+
+    def refused(*a):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+
+    monkeypatch.setattr(fastpath, "attend_varlen", refused)
+    with pytest.warns(UserWarning, match="variable-length form failed \\(FlashAttention only supports Ampere"):
+        out, _ = fastpath.packed_sdpa(module, q, k, v, None, scaling=0.25, doc_cu=cu, doc_max=14, doc_lengths=[10, 14])
+    torch.testing.assert_close(out, documents)
+    assert not fastpath._varlen_runs
+
+
 def test_grouped_heads_reach_the_cuda_flash_kernel_only_where_torch_says_it_runs_them():
     """On CUDA, grouped key/value heads go to sdpa unrepeated only where torch's own check says its flash kernel
     takes the call (other kernels would run it in the math kernel). The check is called as this torch defines it:
@@ -508,7 +550,14 @@ def test_lora_sum_in_the_matmul_epilogue_matches_peft(case):
                 p.data = p.data.to(adapter_dtype)
         return model
 
+    addmm, calls = torch.addmm, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return addmm(*args, **kwargs)
+
     def run(model, x, fused, autocast):
+        calls.clear()
         model.zero_grad()
         x = x.detach().requires_grad_()
         with fastpath.lean_blocks(model) if fused else contextlib.nullcontext(), \
@@ -516,7 +565,12 @@ def test_lora_sum_in_the_matmul_epilogue_matches_peft(case):
                 torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             if fused:
                 assert model.base_model.model[0].forward.__func__ is fastpath._lora_forward
-            out = model(x)
+            torch.addmm = counted
+            try:
+                out = model(x)
+            finally:
+                torch.addmm = addmm
+            assert len(calls) == (1 if fused else 0)  # the epilogue's sum, or peft's own forward
         (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
         grads = [x.grad] + [p.grad for n, p in model.named_parameters() if "lora_" in n]
         return [t.detach().float() for t in [out, *grads]]
