@@ -46,11 +46,13 @@ BYTES_PER_CHECKPOINTED_LAYER = 30
 # unit (norms' inputs and outputs, q/k/v/attention output, residual) and each MLP unit (gate, up and down's input),
 # fitted to the H200 runs of 2026-11-27 (SmolLM2-135M and the 1B Llama shape, LoRA at ~16k tokens a step: 30 and
 # 37.5 bytes per hidden unit in all) and checked on the 1B's QLoRA, the 1B at 32k tokens and the 135M checkpointed
-# (+8%, +9%, 0% with the margin). A checkpointed layer keeps its bf16 input, and one layer recomputes at a time.
+# (+8%, +9%, 0% with the margin), all bf16. A checkpointed layer keeps its bf16 input, and one layer recomputes at
+# a time.
 CUDA_BYTES_PER_HIDDEN = 15.3
 CUDA_BYTES_PER_MLP_UNIT = 5.55
 CUDA_BYTES_PER_CHECKPOINTED_HIDDEN = 2
-CUDA_MARGIN = 1.1  # the caching allocator's fragmentation, beside what is allocated
+CUDA_MARGIN = 1.1  # what the fit does not model: how full the packed rows are, transient buffers
+# The constants are for bf16/fp16 activations; an fp32 model's are twice the bytes (scaled by the embeddings' dtype).
 BYTES_PER_LOGIT = {"fast": 16, "plain": 33}
 BYTES_PER_CHUNK_LOGIT = 12
 
@@ -98,7 +100,9 @@ def estimate(trainer, recipe, prepared) -> dict:
         layer = CUDA_BYTES_PER_HIDDEN * hidden + CUDA_BYTES_PER_MLP_UNIT * mlp
         kept = (layers - recomputed) * layer + recomputed * CUDA_BYTES_PER_CHECKPOINTED_HIDDEN * hidden \
             + (layer if recomputed else 0)
-        activations = tokens * kept * CUDA_MARGIN
+        embeddings = getattr(model.get_input_embeddings(), "weight", None)
+        width = embeddings.element_size() / 2 if embeddings is not None and embeddings.is_floating_point() else 1.0
+        activations = tokens * kept * CUDA_MARGIN * width
     else:
         activations = tokens * hidden * ((layers - recomputed) * BYTES_PER_ACTIVATION["fast" if fast else "plain"]
                                          + recomputed * BYTES_PER_CHECKPOINTED_LAYER)
@@ -126,32 +130,40 @@ def checkpointed_layers(args, layers: int) -> int:
 def fit_cuda_batch(trainer, recipe, prepared, tokens_per_step: int | None, share: float = 0.85) -> str | None:
     """On CUDA, packed SFT: the per-device batch raised from the recipe's to `tokens_per_step` tokens per optimizer
     step (batch x max_length x gradient accumulation steps), or to as many rows as the estimate above fits in
-    `share` of the GPU's free memory, whichever is fewer; never below the recipe's batch. Evaluation takes at least
-    as many rows. Returns what was done, for the log (None: nothing)."""
+    `share` of the GPU's free memory, whichever is fewer; never below the recipe's batch. Where the whole optimizer
+    step's rows fit in one forward, a recipe's gradient accumulation is folded into the batch: the same rows, loss
+    and update in one forward and backward instead of several (each costs the host its kernel launches). Evaluation
+    takes at least as many rows. Returns what was done, for the log (None: nothing)."""
     args = trainer.args
     if not _fits_cuda_batch(trainer, recipe, tokens_per_step):
         return None
-    batch, length = args.per_device_train_batch_size, recipe.data.max_length or 1024
+    batch, length, accumulation = args.per_device_train_batch_size, recipe.data.max_length or 1024, \
+        args.gradient_accumulation_steps
     now = estimate(trainer, recipe, prepared)
     per_row = (now["activations"] + now["logits"]) / batch  # MiB, linear in the rows of a step
     free = torch.cuda.mem_get_info()[0] / 2**20
     fits = int((share * free - now["gradients_and_optimizer"]) // per_row) if per_row > 0 else batch
-    wanted = max(1, tokens_per_step // (length * args.gradient_accumulation_steps))  # per optimizer step
-    chosen = max(batch, min(wanted, fits))
     if torch.distributed.is_available() and torch.distributed.is_initialized():  # one batch for every rank
-        least = torch.tensor([chosen], device=args.device)
+        least = torch.tensor([fits], device=args.device)
         torch.distributed.all_reduce(least, op=torch.distributed.ReduceOp.MIN)
-        chosen = int(least.item())
-    # For a resume (pin_resumed_batch): the recipe's batches, and the rows the estimate fits now.
+        fits = int(least.item())
+    wanted = max(1, tokens_per_step // (length * accumulation))  # rows per forward, as the recipe accumulates
+    chosen, folded = max(batch, min(wanted, fits)), accumulation
+    if accumulation > 1 and chosen == wanted and wanted * accumulation <= fits:
+        chosen, folded = wanted * accumulation, 1
+    # For a resume (pin_resumed_batch): the recipe's batches and accumulation, and the rows the estimate fits now.
     trainer.finetune_recipe_batches = (batch, args.per_device_eval_batch_size)
+    trainer.finetune_recipe_accumulation = accumulation
     trainer.finetune_fitting_rows = fits
-    if chosen == batch:
+    if chosen == batch and folded == accumulation:
         return None
-    _set_batch(trainer, chosen, max(args.per_device_eval_batch_size, chosen))  # no-grad: fits where training does
-    limit = ("train.gpu_tokens_per_step" if chosen == wanted
+    _set_batch(trainer, chosen, max(args.per_device_eval_batch_size, chosen), folded)  # no-grad: fits as training
+    limit = ("train.gpu_tokens_per_step" if chosen * folded == wanted * accumulation
              else f"as many rows as the memory estimate fits in {share:.0%} of {free / 1024:.1f} GiB free")
-    tokens = chosen * length * args.gradient_accumulation_steps
-    return (f"CUDA: per-device batch {batch} -> {chosen}, {tokens:,} tokens per optimizer step ({limit}; "
+    fold = f", gradient accumulation {accumulation} -> 1 (the same rows a step, one forward)" if folded == 1 \
+        and accumulation > 1 else ""
+    tokens = chosen * length * folded
+    return (f"CUDA: per-device batch {batch} -> {chosen}{fold}, {tokens:,} tokens per optimizer step ({limit}; "
             "train.gpu_tokens_per_step: null keeps the recipe's batch)")
 
 
@@ -159,37 +171,46 @@ def pin_resumed_batch(trainer, recipe, checkpoint) -> str | None:
     """A resumed run where `fit_cuda_batch` applies keeps the batch its checkpoint was trained with (trainer_state.json
     records it), not what the GPU's free memory fits now: the same rows a step, so the same data order and steps as
     the run it continues; never below the recipe's batch (one changed under train.resume_changes), evaluation at the
-    rows it had. Returns what was done, for the log (None: nothing)."""
-    if not _fits_cuda_batch(trainer, recipe, recipe.train.gpu_tokens_per_step):
+    rows it had. A recorded batch of more rows than the token budget allows with the recipe's accumulation was
+    trained with the accumulation folded in (`fit_cuda_batch`), and is resumed so. Returns what was done, for the
+    log (None: nothing)."""
+    tokens_per_step = recipe.train.gpu_tokens_per_step
+    if not _fits_cuda_batch(trainer, recipe, tokens_per_step):
         return None
     args, name = trainer.args, Path(checkpoint).name
     recipe_rows, recipe_eval = getattr(trainer, "finetune_recipe_batches",
                                        (args.per_device_train_batch_size, args.per_device_eval_batch_size))
+    accumulation = getattr(trainer, "finetune_recipe_accumulation", args.gradient_accumulation_steps)
     saved = json.loads((Path(checkpoint) / checkpoints.LAST_FILE).read_text()).get("train_batch_size")
     if not saved:
         return (f"CUDA: {name} records no batch; the batch fitted now ({args.per_device_train_batch_size} rows) may "
                 "not be the one it was trained with, and the data order then differs from the run it continues")
     rows = saved // max(1, args.n_gpu)
-    if rows == args.per_device_train_batch_size or rows < recipe_rows:
+    folded = 1 if rows * accumulation * (recipe.data.max_length or 1024) > tokens_per_step else accumulation
+    if rows == args.per_device_train_batch_size and folded == args.gradient_accumulation_steps or rows < recipe_rows:
         return None
-    before = args.per_device_train_batch_size
-    _set_batch(trainer, rows, max(recipe_eval, rows))
+    before, before_accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    _set_batch(trainer, rows, max(recipe_eval, rows), folded)
     fits = getattr(trainer, "finetune_fitting_rows", None)
     short = (f"; more than the {fits} the memory estimate fits in the GPU's free memory now: free GPU memory if it "
              "runs out") if fits is not None and rows > fits else ""
-    return f"CUDA: per-device batch {before} -> {rows}, the batch {name} was trained with{short}"
+    fold = f", gradient accumulation {before_accumulation} -> {folded}" if folded != before_accumulation else ""
+    return f"CUDA: per-device batch {before} -> {rows}{fold}, the batch {name} was trained with{short}"
 
 
 def _fits_cuda_batch(trainer, recipe, tokens_per_step) -> bool:
+    # Not under DeepSpeed: its configuration took the batch and accumulation when the trainer was made.
     return tokens_per_step is not None and torch.cuda.is_available() and recipe.train.stage == "sft" \
-        and recipe.data.packing and not trainer.args.use_cpu
+        and recipe.data.packing and not trainer.args.use_cpu and not getattr(trainer, "is_deepspeed_enabled", False)
 
 
-def _set_batch(trainer, rows: int, eval_rows: int) -> None:
+def _set_batch(trainer, rows: int, eval_rows: int, accumulation: int | None = None) -> None:
     args = trainer.args
     args.per_device_train_batch_size = rows
     trainer._train_batch_size = args.train_batch_size  # what Trainer built from the batch size (its dataloader's)
     args.per_device_eval_batch_size = eval_rows
+    if accumulation is not None:  # read by the training loop when it starts
+        args.gradient_accumulation_steps = accumulation
 
 
 def _longest(dataset, sample: int = 5000) -> int | None:

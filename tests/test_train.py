@@ -186,14 +186,15 @@ def test_memory_estimate_counts_activation_checkpointing_by_layer(tmp_path, tiny
 
 def test_memory_estimate_on_cuda_counts_hidden_and_mlp_units(tmp_path, tiny_llama, chat_file, monkeypatch):
     """On CUDA (stood in for) the fast step's activations are counted per hidden unit and per MLP unit of each layer
-    (the GPU runs' fit), with the allocator's margin; a checkpointed layer keeps its bf16 input and one layer
-    recomputes at a time. The CPU keeps its own constants."""
+    (the GPU runs' fit), with the fit's margin; a checkpointed layer keeps its bf16 input and one layer
+    recomputes at a time; an fp32 model's activations count twice the bytes. The CPU keeps its own constants."""
     from finetune import memory
     from finetune.stages import runner
 
-    def activations(cuda=True, **train):
+    def activations(cuda=True, dtype="bf16", **train):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-        recipe = tiny_recipe(tmp_path, tiny_llama, chat_file, data={"packing": True}, train=train)
+        recipe = tiny_recipe(tmp_path, tiny_llama, chat_file, model={"name": str(tiny_llama), "dtype": dtype},
+                             data={"packing": True}, train=train)
         b = runner.build(recipe)
         b.trainer.args.use_cpu = not cuda
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -207,8 +208,32 @@ def test_memory_estimate_on_cuda_counts_hidden_and_mlp_units(tmp_path, tiny_llam
     checkpointed, _ = activations(activation_checkpointing=True)
     kept = layers * memory.CUDA_BYTES_PER_CHECKPOINTED_HIDDEN * hidden + layer
     assert checkpointed == pytest.approx(tokens * kept * memory.CUDA_MARGIN / 2**20, abs=0.05) and checkpointed < full
+    assert activations(dtype="fp32")[0] == pytest.approx(2 * full, abs=0.05)
     cpu, _ = activations(cuda=False)  # a CPU run on a machine with a GPU
     assert cpu == pytest.approx(tokens * hidden * layers * memory.BYTES_PER_ACTIVATION["fast"] / 2**20, abs=0.05)
+
+
+def test_folded_accumulation_trains_what_accumulation_trains(tmp_path, tiny_llama, chat_file):
+    """What `fit_cuda_batch`'s fold on CUDA rests on: 2 packed rows x 2 accumulated forwards and 4 rows x 1 forward
+    take the same rows each optimizer step and make the same update (the fast step, fp32: the adapter after 3 steps
+    equal to 1e-5 relative; gradients summed in another order)."""
+    from finetune import memory
+    from finetune.stages import runner
+
+    adapters = []
+    for fold in (False, True):
+        recipe = tiny_recipe(tmp_path / f"fold-{fold}", tiny_llama, chat_file, model={"name": str(tiny_llama),
+                             "dtype": "fp32"}, data={"packing": True}, train={"gradient_accumulation_steps": 2})
+        b = runner.build(recipe)
+        if fold:
+            memory._set_batch(b.trainer, 4, 4, 1)
+        b.trainer.train()
+        assert b.trainer.state.global_step == 3
+        adapters.append({n: p.detach().clone() for n, p in b.trainer.model.named_parameters() if p.requires_grad})
+    assert adapters[0].keys() == adapters[1].keys() and adapters[0]
+    for name, weight in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], weight, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(w, adapters[0][n]) for n, w in adapters[1].items())  # not the very same computation
 
 
 def test_overwrite_replaces_only_a_run_and_only_once_the_new_one_has_loaded(tmp_path, tiny_llama, chat_file):
@@ -267,9 +292,38 @@ def test_on_cuda_packed_sft_fills_the_token_budget_the_memory_estimate_allows(tm
     assert estimate["tokens_per_step"] == rows * 128 and estimate["activations"] <= 0.85 * 80 * 1024
     assert estimate["activations"] * (rows + 2) / rows > 0.85 * 80 * 1024 - estimate["logits"] * (rows + 2) / 2
     assert trainer.args.per_device_eval_batch_size == rows  # evaluation (no gradients) at the fitted rows too
-    trainer, message, _ = built(1024, 80, accumulation=2)  # the budget is per optimizer step: 4 rows, twice
-    assert trainer.args.per_device_train_batch_size == 4
-    assert message.startswith("CUDA: per-device batch 2 -> 4, 1,024 tokens per optimizer step (")
+    # The budget is per optimizer step: with accumulation 2, 4 rows twice; they fit in one forward, so folded: 8
+    # rows once, the same rows a step.
+    trainer, message, _ = built(1024, 80, accumulation=2)
+    assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (8, 1)
+    assert message.startswith("CUDA: per-device batch 2 -> 8, gradient accumulation 2 -> 1 (the same rows a step, "
+                              "one forward), 1,024 tokens per optimizer step (train.gpu_tokens_per_step;")
+    _, _, at_two = built(None, 80)  # the estimate at the recipe's 2 rows, as fit_cuda_batch takes it
+    per_row = (at_two["activations"] + at_two["logits"]) / 2
+    tight = (5.5 * per_row + at_two["gradients_and_optimizer"]) / 0.85 / 1024  # memory for 5 rows: 4, not folded
+    trainer, message, _ = built(1024, tight, accumulation=2)
+    assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (4, 2)
+    # A resume of a folded run keeps it folded (8 rows are more than 1,024 tokens with accumulation 2), even where
+    # the memory would not fold it now; an unfolded one stays unfolded.
+    folded_checkpoint = tmp_path / "checkpoint-5"
+    folded_checkpoint.mkdir()
+    (folded_checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 5, "train_batch_size": 8}))
+    resumed2 = tiny_recipe(tmp_path, tiny_llama, chat_file, data={"packing": True},
+                           train={"gpu_tokens_per_step": 1024, "gradient_accumulation_steps": 2})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert memory.pin_resumed_batch(trainer, resumed2, folded_checkpoint) \
+        == "CUDA: per-device batch 4 -> 8, gradient accumulation 2 -> 1, the batch checkpoint-5 was trained with; " \
+        "more than the 5 the memory estimate fits in the GPU's free memory now: free GPU memory if it runs out"
+    assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (8, 1)
+    (folded_checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 5, "train_batch_size": 4}))
+    assert memory.pin_resumed_batch(trainer, resumed2, folded_checkpoint) \
+        == "CUDA: per-device batch 8 -> 4, gradient accumulation 1 -> 2, the batch checkpoint-5 was trained with"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    trainer, message, _ = built(1024, 80)
+    trainer.is_deepspeed_enabled = True  # DeepSpeed's configuration took the batch at the trainer's making
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert memory.fit_cuda_batch(trainer, resumed2, None, 1024) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     # A resume keeps the batch its checkpoint was trained with (trainer_state.json), not what free memory fits now.
     checkpoint = tmp_path / "checkpoint-3"
     checkpoint.mkdir()
