@@ -578,10 +578,13 @@ def _lora_forward(self, x, *args, **kwargs):
     if args or kwargs or name not in (plain if plain is not None else _plain_lora_names(self)):
         return type(self).forward(self, x, *args, **kwargs)
     a, b = self.lora_A[name].weight, self.lora_B[name].weight
-    result = self.base_layer(x)
+    autocast = torch.is_autocast_enabled(x.device.type)
     if getattr(self, "cast_input_dtype_enabled", True) and x.dtype != a.dtype \
-            or not torch.is_autocast_enabled(x.device.type) and not x.dtype == a.dtype == b.dtype == result.dtype:
+            or not autocast and not x.dtype == a.dtype == b.dtype:
         return type(self).forward(self, x)  # peft casts the input, or the dtypes would not meet in one matmul
+    result = self.base_layer(x)
+    if not autocast and result.dtype != x.dtype:  # a quantized base computing in another dtype (not the fast step's)
+        return type(self).forward(self, x)
     h = F.linear(x, a)
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(),
                       alpha=self.scaling[name])
