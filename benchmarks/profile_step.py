@@ -1,7 +1,7 @@
 """Where a training step's time goes: the operators of a few steps of a recipe under torch.profiler, by device time.
 
     python benchmarks/profile_step.py RECIPE [KEY=VALUE ...] [--steps 3] [--rows 25] [--trace FILE.json.gz]
-                                      [--compile-layers]
+                                      [--compile-layers] [--shapes]
 
 Builds the recipe's trainer (finetune/stages/runner.py: the same model, data, batch and fast step as `finetune
 train`, with the batch fitted on CUDA as a run fits it), times every step (synchronised), then profiles --steps
@@ -9,6 +9,7 @@ steps after two warm-up steps and prints the --rows operators that took the most
 time) with their share of the profiled wall time, and on CUDA also the host's (CPU self time), the kernel launches
 and host-device synchronisations per step. --trace writes one profiled step's Chrome trace (gzipped).
 --compile-layers compiles each decoder layer (torch.compile, dynamic shapes) before training, an experiment.
+--shapes ranks operators by (name, input shapes): which mul, which copy.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--trace", help="write the last profiled step's Chrome trace here (.json.gz)")
     parser.add_argument("--compile-layers", action="store_true")
+    parser.add_argument("--shapes", action="store_true", help="rank operators by their input shapes too")
     args = parser.parse_args()
     from finetune import memory
     from finetune.recipe import load_recipe
@@ -53,7 +55,7 @@ def main() -> None:
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         state = {"step": 0, "times": [], "tokens": []}
         traced = args.steps if args.trace else None
-        profiler = torch.profiler.profile(activities=activities)
+        profiler = torch.profiler.profile(activities=activities, record_shapes=args.shapes)
         sync = torch.cuda.synchronize if cuda else (lambda: None)
 
         from transformers import TrainerCallback
@@ -80,7 +82,7 @@ def main() -> None:
         total = time.perf_counter() - started
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     wall_us = state["wall"] * 1e6
-    averages = profiler.key_averages()
+    averages = profiler.key_averages(group_by_input_shape=args.shapes)
     busy = ""
     if cuda:  # kernels' own time: the share of the wall time the GPU computed
         kernels = sum(e.self_device_time_total for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
@@ -94,7 +96,8 @@ def main() -> None:
     print(f"{args.steps} steps profiled in {state['wall']:.2f} s{busy}; batch {batch} x {length} tokens")
     for event in sorted(averages, key=lambda e: -getattr(e, key))[: args.rows]:
         print(f"{getattr(event, key) / wall_us:6.1%}  {getattr(event, key) / 1e3 / args.steps:9.2f} ms/step  "
-              f"{event.count // args.steps:6d} calls/step  {event.key[:90]}")
+              f"{event.count // args.steps:6d} calls/step  {event.key[:90]}"
+              + (f"  {str(event.input_shapes)[:120]}" if args.shapes else ""))
     if cuda:  # the host's side: what launches the kernels, and where it waits for the GPU
         host = [e for e in averages if e.device_type == torch.autograd.DeviceType.CPU]
         launches = sum(e.count for e in host if "LaunchKernel" in e.key or e.key.startswith("cuLaunch"))

@@ -370,23 +370,6 @@ class _FromDocs(torch.autograd.Function):
         return out.reshape(documents, longest, heads, dim).transpose(1, 2), None, None
 
 
-class _Softmax(torch.autograd.Function):
-    """Softmax computed in fp32, returned (and kept for backward) in the attention's dtype: the fp32 probabilities,
-    the largest tensor of the step, are not kept. The backward computes in fp32 from the kept probabilities."""
-
-    @staticmethod
-    def forward(ctx, scores, dtype):
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
-        ctx.save_for_backward(probs)
-        return probs
-
-    @staticmethod
-    def backward(ctx, grad):
-        (probs,) = ctx.saved_tensors
-        p, g = probs.float(), grad.float()
-        return (p * (g - (g * p).sum(-1, keepdim=True))).to(grad.dtype), None
-
-
 def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' sdpa attention, except for packed rows (`doc_index` given by `supervised_nll`): there each
     document attends only to itself. query [batch, heads, tokens, dim] -> [batch, tokens, heads, dim]."""
@@ -421,10 +404,13 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, scale=scale, is_causal=True, **gqa)
     else:  # the CPU flash kernel's backward is slow at these sizes; bf16 matmuls with an fp32 softmax are not
         k, v = repeat_kv(k, heads // k.shape[1]), repeat_kv(v, heads // v.shape[1])
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
         longest = q.shape[2]
         causal = torch.ones(longest, longest, dtype=torch.bool, device=q.device).tril()
-        probs = _Softmax.apply(scores.masked_fill(~causal, float("-inf")), q.dtype)
+        # The scale goes on q (64 values a row, not `longest`) and the mask in place; torch's CPU softmax of bf16
+        # computes in fp32 and keeps only its bf16 output for a one-pass backward (the same values as an fp32
+        # softmax rounded to bf16; 7x faster than that backward written in fp32 ops).
+        scores = torch.matmul(q * scale, k.transpose(-1, -2)).masked_fill_(~causal, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
         out = torch.matmul(F.dropout(probs, p_drop), v)
     return _FromDocs.apply(out, index, valid).reshape(batch, tokens, heads, dim), None
 
