@@ -373,7 +373,7 @@ class _FromDocs(torch.autograd.Function):
 def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' sdpa attention, except for packed rows (`doc_index` given by `supervised_nll`): there each
     document attends only to itself. query [batch, heads, tokens, dim] -> [batch, tokens, heads, dim]."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     index, valid = kwargs.pop("doc_index", None), kwargs.pop("doc_valid", None)
     lengths = kwargs.pop("doc_lengths", None)
@@ -403,15 +403,18 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
         k, v, gqa = _grouped(q, k, v, p_drop)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, scale=scale, is_causal=True, **gqa)
     else:  # the CPU flash kernel's backward is slow at these sizes; bf16 matmuls with an fp32 softmax are not
-        k, v = repeat_kv(k, heads // k.shape[1]), repeat_kv(v, heads // v.shape[1])
-        longest = q.shape[2]
-        causal = torch.ones(longest, longest, dtype=torch.bool, device=q.device).tril()
-        # The scale goes on q (64 values a row, not `longest`) and the mask in place; torch's CPU softmax of bf16
-        # computes in fp32 and keeps only its bf16 output for a one-pass backward (the same values as an fp32
-        # softmax rounded to bf16; 7x faster than that backward written in fp32 ops).
-        scores = torch.matmul(q * scale, k.transpose(-1, -2)).masked_fill_(~causal, float("-inf"))
+        # The query heads that share a key/value head are stacked along the positions ([documents, kv heads,
+        # group x longest, dim]): one matmul per key/value head, with no repeated keys and values (nor their
+        # gradients summed back). The scale goes on q (64 values a row, not `longest`) and the mask in place;
+        # torch's CPU softmax of bf16 computes in fp32 and keeps only its bf16 output for a one-pass backward (the
+        # same values as an fp32 softmax rounded to bf16; 7x faster than that backward written in fp32 ops).
+        documents, longest, kv_heads = q.shape[0], q.shape[2], k.shape[1]
+        group = heads // kv_heads
+        future = torch.ones(longest, longest, dtype=torch.bool, device=q.device).triu(1).repeat(group, 1)
+        stacked = (q * scale).reshape(documents, kv_heads, group * longest, dim)
+        scores = torch.matmul(stacked, k.transpose(-1, -2)).masked_fill_(future, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        out = torch.matmul(F.dropout(probs, p_drop), v)
+        out = torch.matmul(F.dropout(probs, p_drop), v).view(documents, heads, longest, dim)
     return _FromDocs.apply(out, index, valid).reshape(batch, tokens, heads, dim), None
 
 
