@@ -2,6 +2,7 @@
 
     finetune bench [--cases sft-lora-json,sft-lora-chat,sft-qlora-json,sft-qlora-chat,pretrain,dpo-lora] [--rows N]
                    [--quick] [--out FILE] [--model PATH] [--max-steps N] [--sides trl,finetune] [--set KEY=VALUE ...]
+                   [--repeat N]
 
 For each case, alternately and each in a fresh process, on the embedded SmolLM2-135M, the same training rows (the
 first --rows of the set, one epoch, so both sides see the same tokens) and the same LoRA rank and targets:
@@ -21,6 +22,9 @@ The TRL sides run without the malloc tunable `finetune` sets for itself (finetun
 Printed per side: non-pad input tokens/s in steady state (from the end of step 2 to the last step; loading and
 warm-up are reported apart as seconds to the end of step 2), peak RSS of the training process, MFU, and the
 held-out loss after training (assistant tokens of the set's held-out split, the same evaluator for both sides).
+--repeat N runs each case's sides N times in turn (trl, finetune, trl, finetune, ...): on shared cores each side's
+speed moves from minute to minute, and a ratio is then read against the same round's first side; the table gives
+every round and, per case, the ratios' median.
 MFU: model FLOPs per second over a 2048 x 2048 bf16 matmul timed in this run (the best of before and after the
 cases); model FLOPs = 4 x parameters x tokens for LoRA/QLoRA (forward and input gradients; the base is frozen) and
 6 x parameters x tokens for pretraining and DPO (the policy's 4 and the reference's forward 2), embeddings
@@ -41,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -131,6 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                         "loss not computed)")
     parser.add_argument("--max-steps", type=int, help="optimizer steps per side (rows repeated) instead of one epoch")
     parser.add_argument("--sides", help="comma-separated sides to run (trl, trl-bf16, finetune, plain)")
+    parser.add_argument("--repeat", type=int, default=1, help="run each case's sides N times in turn (default 1)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override for the finetune side (repeatable)")
 
@@ -142,6 +148,8 @@ def run(args) -> None:
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         raise FinetuneError(f"--cases: unknown {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    if args.repeat < 1:
+        raise FinetuneError(f"--repeat {args.repeat}: give 1 or more rounds")
     rows = QUICK["rows"] if args.quick and not args.rows else args.rows
     options = {"model": args.model, "max_steps": args.max_steps, "set": args.set}
     if args.max_steps and not args.rows:
@@ -151,13 +159,17 @@ def run(args) -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="finetune-bench-") as work:
         for case in cases:
-            for side in SIDES[case.split("-")[0] + ("-lora" if "-lora-" in case else "")]:
-                if wanted and side not in wanted:
-                    continue
-                result = _child(["_side", case, side, str(rows or CASES[case][3]), work, json.dumps(options)],
-                                plain=side.startswith("trl"))
-                results.append(result)
-                print(json.dumps(result), flush=True)
+            for round_ in range(1, args.repeat + 1):
+                folder = Path(work) / f"round-{round_}"  # each round's outputs apart
+                folder.mkdir(exist_ok=True)
+                for side in SIDES[case.split("-")[0] + ("-lora" if "-lora-" in case else "")]:
+                    if wanted and side not in wanted:
+                        continue
+                    result = _child(["_side", case, side, str(rows or CASES[case][3]), str(folder),
+                                     json.dumps(options)], plain=side.startswith("trl"))
+                    result = {**result, **({"round": round_} if args.repeat > 1 else {})}
+                    results.append(result)
+                    print(json.dumps(result), flush=True)
     rates = {size: max(rate, again) for (size, rate), again in zip(rates.items(), _matmul_rates().values())}
     table = _table(results, rates)
     print(table)
@@ -203,17 +215,28 @@ def _table(results: list[dict], rates: dict[int, float]) -> str:
              f"| case | side | steady tokens/s | x plain | seconds to step 2 | peak {memory} (GB) | tokens per step "
              "| MFU | held-out loss |",
              "|---|---|---|---|---|---|---|---|---|"]
-    base = {}
+    base, ratios = {}, {}
     for r in results:
-        base.setdefault(r["case"], r["tokens_per_second"])
+        key = (r["case"], r.get("round"))
+        base.setdefault(key, r["tokens_per_second"])
+        ratio = r["tokens_per_second"] / base[key]
+        ratios.setdefault((r["case"], r["side"]), []).append(ratio)
+        side = r["side"] + (f", round {r['round']}" if r.get("round") else "")
         factor = 4 if r["case"].startswith("sft") else 6  # dpo: the policy's 4 and the reference's forward 2
         mfu = factor * r["parameters"] * r["tokens_per_second"] / peak
         held = f"{r['heldout_loss']:.4f}" if r.get("heldout_loss") is not None else "-"
         held_mib = r["peak_gpu_mib"] if "peak_gpu_mib" in r else r["peak_rss_mib"]
-        lines.append(f"| {r['case']} | {r['side']} | {r['tokens_per_second']:.0f} | "
-                     f"{r['tokens_per_second'] / base[r['case']]:.2f} | {r['warmup_seconds']:.0f} | "
+        lines.append(f"| {r['case']} | {side} | {r['tokens_per_second']:.0f} | "
+                     f"{ratio:.2f} | {r['warmup_seconds']:.0f} | "
                      f"{held_mib / 1024:.2f} | {r.get('tokens_per_step') or '-'} | "
                      f"{mfu:.1%} | {held} |")
+    repeated = [(case, side, values) for (case, side), values in ratios.items() if len(values) > 1]
+    if repeated:
+        lines.append("")
+    for case, side, values in repeated:
+        each = ", ".join(f"{v:.2f}" for v in values)
+        lines.append(f"{case} {side}: x plain {statistics.median(values):.2f} (median of {len(values)} rounds: "
+                     f"{each})")
     return "\n".join(lines)
 
 

@@ -473,6 +473,31 @@ def test_bench_table_names_the_machine_and_its_ratios_and_mfu():
     assert lines[8] == "| pretrain | finetune | 4000 | 1.00 | 9 | 1.00 | - | 42.0% | - |"
 
 
+def test_bench_rounds_are_each_read_against_their_own_first_side():
+    """--repeat: each round's ratio is against that round's TRL side, and the table ends with each side's median."""
+    from finetune.bench import _table
+
+    def row(side, speed, round_):
+        return {"case": "sft-lora-json", "side": side, "tokens_per_second": speed, "warmup_seconds": 10.0,
+                "peak_rss_mib": 2048.0, "parameters": 10**8, "round": round_}
+
+    rows = [row("trl", 100.0, 1), row("finetune", 400.0, 1), row("trl", 80.0, 2), row("finetune", 440.0, 2),
+            row("trl", 120.0, 3), row("finetune", 420.0, 3)]
+    lines = _table(rows, {2048: 4e11}).splitlines()
+    assert lines[6].startswith("| sft-lora-json | trl, round 1 | 100 | 1.00 |")
+    assert lines[9].startswith("| sft-lora-json | finetune, round 2 | 440 | 5.50 |")
+    assert lines[11].startswith("| sft-lora-json | finetune, round 3 | 420 | 3.50 |")
+    assert lines[-2:] == ["sft-lora-json trl: x plain 1.00 (median of 3 rounds: 1.00, 1.00, 1.00)",
+                          "sft-lora-json finetune: x plain 4.00 (median of 3 rounds: 4.00, 5.50, 3.50)"]
+
+
+def test_bench_refuses_no_rounds(capsys):
+    from finetune.cli import main
+
+    assert main(["bench", "--repeat", "0"]) == 2
+    assert "--repeat 0: give 1 or more rounds" in capsys.readouterr().err
+
+
 def test_malloc_tunable_set_where_it_changes_something(tmp_path):
     """The command re-executes itself with glibc's huge-page tunable only where transparent huge pages are given on
     request ("madvise"), keeping a user's own tunables, and never twice or when turned off."""
