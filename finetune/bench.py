@@ -220,7 +220,7 @@ def _table(results: list[dict], rates: dict[int, float]) -> str:
         key = (r["case"], r.get("round"))
         base.setdefault(key, r["tokens_per_second"])
         ratio = r["tokens_per_second"] / base[key]
-        ratios.setdefault((r["case"], r["side"]), []).append(ratio)
+        ratios.setdefault((r["case"], r["side"]), []).append((ratio, r["tokens_per_second"]))
         side = r["side"] + (f", round {r['round']}" if r.get("round") else "")
         factor = 4 if r["case"].startswith("sft") else 6  # dpo: the policy's 4 and the reference's forward 2
         mfu = factor * r["parameters"] * r["tokens_per_second"] / peak
@@ -230,13 +230,18 @@ def _table(results: list[dict], rates: dict[int, float]) -> str:
                      f"{ratio:.2f} | {r['warmup_seconds']:.0f} | "
                      f"{held_mib / 1024:.2f} | {r.get('tokens_per_step') or '-'} | "
                      f"{mfu:.1%} | {held} |")
+    # Per side run in several rounds: its median speed, and (where another side was the round's first) its ratio's.
     repeated = [(case, side, values) for (case, side), values in ratios.items() if len(values) > 1]
     if repeated:
         lines.append("")
     for case, side, values in repeated:
-        each = ", ".join(f"{v:.2f}" for v in values)
-        lines.append(f"{case} {side}: x plain {statistics.median(values):.2f} (median of {len(values)} rounds: "
-                     f"{each})")
+        speed = f"{statistics.median(v for _, v in values):.0f} tokens/s"
+        if all(ratio == 1.0 for ratio, _ in values):  # the rounds' first side: its own base
+            lines.append(f"{case} {side}: median {speed} ({len(values)} rounds)")
+            continue
+        each = ", ".join(f"{ratio:.2f}" for ratio, _ in values)
+        lines.append(f"{case} {side}: x plain {statistics.median(r for r, _ in values):.2f} (median of "
+                     f"{len(values)} rounds: {each}), median {speed}")
     return "\n".join(lines)
 
 

@@ -405,7 +405,7 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
     else:  # the CPU flash kernel's backward is slow at these sizes; bf16 matmuls with an fp32 softmax are not
         # The query heads that share a key/value head are stacked along the positions ([documents, kv heads,
         # group x longest, dim]): one matmul per key/value head, with no repeated keys and values (nor their
-        # gradients summed back). The scale goes on q (64 values a row, not `longest`) and the mask in place;
+        # gradients summed back). The scale goes on q (head-size values a row, not `longest`) and the mask in place;
         # torch's CPU softmax of bf16 computes in fp32 and keeps only its bf16 output for a one-pass backward (the
         # same values as an fp32 softmax rounded to bf16; 7x faster than that backward written in fp32 ops).
         documents, longest, kv_heads = q.shape[0], q.shape[2], k.shape[1]

@@ -14,13 +14,13 @@ import torch
 from finetune import fastpath
 
 
-def _tiny_lora(dtype, kv_heads=2, seed=0):
+def _tiny_lora(dtype, kv_heads=2, seed=0, heads=4):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
+    config = LlamaConfig(vocab_size=300, hidden_size=16 * heads, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
                          initializer_range=0.1, attn_implementation="sdpa")
     model = AutoModelForCausalLM.from_config(config).to(dtype)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
@@ -153,6 +153,9 @@ def test_several_packed_rows_and_multi_query_heads():
     b = _packed_batch(lengths=(3, 5, 4, 5, 6, 7, 4, 6, 4, 4), seed=3)
     inputs = {k: torch.cat([a[k], b[k]]) for k in a}
     _assert_same(_tiny_lora(torch.float32, kv_heads=1), inputs, torch.float32)
+    # Three query heads to a key/value head, in bf16 too; 5 documents, so the layout adds 3 empty ones.
+    for dtype in (torch.float32, torch.bfloat16):
+        _assert_same(_tiny_lora(dtype, kv_heads=2, heads=6), _packed_batch(lengths=(5, 6, 1, 7, 9)), dtype)
     long_documents = _packed_batch(lengths=(30, 8))  # 4 x 2 x 30^2 > 64^2, and calls cost more than 64^2 positions
     _assert_same(_tiny_lora(torch.float32), long_documents, torch.float32, route="sdpa")
 
@@ -487,8 +490,9 @@ def test_bench_rounds_are_each_read_against_their_own_first_side():
     assert lines[6].startswith("| sft-lora-json | trl, round 1 | 100 | 1.00 |")
     assert lines[9].startswith("| sft-lora-json | finetune, round 2 | 440 | 5.50 |")
     assert lines[11].startswith("| sft-lora-json | finetune, round 3 | 420 | 3.50 |")
-    assert lines[-2:] == ["sft-lora-json trl: x plain 1.00 (median of 3 rounds: 1.00, 1.00, 1.00)",
-                          "sft-lora-json finetune: x plain 4.00 (median of 3 rounds: 4.00, 5.50, 3.50)"]
+    assert lines[-2:] == ["sft-lora-json trl: median 100 tokens/s (3 rounds)",
+                          "sft-lora-json finetune: x plain 4.00 (median of 3 rounds: 4.00, 5.50, 3.50), median 420 "
+                          "tokens/s"]
 
 
 def test_bench_refuses_no_rounds(capsys):
