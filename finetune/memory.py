@@ -58,14 +58,29 @@ BYTES_PER_CHUNK_LOGIT = 12
 
 
 def current_mib() -> float:
-    """Memory the process holds now: allocated CUDA memory, or the resident set on CPU."""
+    """Memory the process holds now: allocated CUDA memory, or the resident set on CPU once the C allocator has
+    returned what loading freed (`release_freed`)."""
     if torch.cuda.is_available():
         return torch.cuda.memory_allocated() / 2**20
+    release_freed()
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * resource.getpagesize() / 2**20
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def release_freed() -> None:
+    """Hands memory that was freed but kept by glibc's allocator back to the system (malloc_trim). Loading a 4-bit
+    model frees ~250 MB of transient buffers that glibc keeps as resident (SmolLM2-135M QLoRA: 909 -> 662 MiB); the
+    training step reuses that memory first, so counted in "now" it was counted twice (QLoRA SFT's estimate read
+    +29 to +37% before). A no-op where the C library has no malloc_trim (not glibc)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
 
 
 def estimate(trainer, recipe, prepared) -> dict:
