@@ -24,7 +24,7 @@ warm-up are reported apart as seconds to the end of step 2), peak RSS of the tra
 held-out loss after training (assistant tokens of the set's held-out split, the same evaluator for both sides).
 --repeat N runs each case's sides N times in turn (trl, finetune, trl, finetune, ...): on shared cores each side's
 speed moves from minute to minute, and a ratio is then read against the same round's first side; the table gives
-every round and, per case, the ratios' median.
+every round, then each side's median speed and, against the rounds' first side, its median ratio.
 MFU: model FLOPs per second over a 2048 x 2048 bf16 matmul timed in this run (the best of before and after the
 cases); model FLOPs = 4 x parameters x tokens for LoRA/QLoRA (forward and input gradients; the base is frozen) and
 6 x parameters x tokens for pretraining and DPO (the policy's 4 and the reference's forward 2), embeddings
