@@ -2,7 +2,8 @@
 
     finetune validate RECIPE     prints it;  finetune train RECIPE    records it in run.json beside the measured peak
 
-peak = what the process holds now (libraries, base weights, data: RSS on CPU, allocated memory on CUDA)
+peak = what the process holds now (libraries, base weights, data: RSS on CPU once the allocator has returned what
+       loading freed, allocated memory on CUDA)
      + trainable weights' gradients and AdamW state (fp32 moments: 8 bytes per trained parameter, + its gradient)
      + activations kept for backward: tokens per step x layers x hidden size x BYTES_PER_ACTIVATION
      + logits: positions scored per step (the fast path: trained positions only) x vocabulary x BYTES_PER_LOGIT,
