@@ -244,18 +244,14 @@ class _ChunkedNLL(torch.autograd.Function):
         chunk = LOSS_CHUNK_CUDA if x.is_cuda else LOSS_CHUNK
         total = x.new_zeros((), dtype=torch.float32)
         for i in range(0, x.shape[0], chunk):
-            target = targets[i : i + chunk]
-            trained = target != -100
-            target = target.clamp(min=0)[:, None]
             rows = x[i : i + chunk]
             logits = rows if weight is None else F.linear(rows.to(dtype), weight)
-            logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+            if fuses(logits):  # one pass over the logits for the statistics, one for the gradient
+                nll, grad = fused(_nll_grad_fusable, logits, targets[i : i + chunk], grad_dtype)
+            else:
+                nll, grad = _nll_grad(logits, targets[i : i + chunk], grad_dtype)
             del logits
-            total -= torch.where(trained, logprobs.gather(1, target)[:, 0], 0.0).sum()
-            probs = logprobs.exp_()
-            probs.scatter_add_(1, target, probs.new_full(target.shape, -1.0))
-            grad = probs.masked_fill_(~trained[:, None], 0.0).to(grad_dtype)
-            del probs, logprobs
+            total += nll
             if weight is None:
                 grad_x[i : i + chunk] = grad
                 continue
@@ -275,6 +271,30 @@ class _ChunkedNLL(torch.autograd.Function):
         if grad_w is not None:
             grad_w = grad_w.mul_(grad_output).to(ctx.weight_dtype)
         return grad_x.mul_(grad_output).to(ctx.dtype), None, grad_w
+
+
+def _nll_grad(logits, target, grad_dtype: torch.dtype):
+    """A chunk's summed negative log-likelihood (fp32) and its gradient (softmax - one-hot; zero where the target is
+    -100) in `grad_dtype`, with one [rows x vocabulary] fp32 tensor at a time."""
+    trained = target != -100
+    target = target.clamp(min=0)[:, None]
+    logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    nll = -torch.where(trained, logprobs.gather(1, target)[:, 0], 0.0).sum()
+    probs = logprobs.exp_()
+    probs.scatter_add_(1, target, probs.new_full(target.shape, -1.0))
+    return nll, probs.masked_fill_(~trained[:, None], 0.0).to(grad_dtype)
+
+
+def _nll_grad_fusable(logits, target, grad_dtype: torch.dtype):
+    """`_nll_grad` with the one-hot as a comparison, not a scatter: compiled, the gradient is one elementwise pass
+    after the softmax's statistics, and no fp32 tensor of the chunk's size is written."""
+    trained = target != -100
+    target = target.clamp(min=0)[:, None]
+    logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    nll = -torch.where(trained, logprobs.gather(1, target)[:, 0], 0.0).sum()
+    vocab = torch.arange(logits.shape[-1], device=logits.device)
+    grad = torch.where(trained[:, None], logprobs.exp() - (vocab == target).to(torch.float32), 0.0)
+    return nll, grad.to(grad_dtype)
 
 
 def _plain_head(model):
@@ -510,42 +530,103 @@ def install_attention() -> None:
 class _RMSNorm(torch.autograd.Function):
     """transformers' Llama-family RMSNorm (fp32 statistics, the weight applied in the input's dtype), keeping for
     backward its input in that dtype and the per-token inverse RMS, instead of the fp32 copy of its input. Forward
-    and backward are the same operations as autograd's on the module's own forward, in the same order."""
+    and backward are the same operations as autograd's on the module's own forward, in the same order (`_rms` and
+    `_rms_grad`; fused, section 6)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        x32 = x.to(torch.float32)
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        shape = x.shape
+        out, rstd = fused(_rms, x.reshape(-1, shape[-1]), weight, eps)
         ctx.save_for_backward(x, rstd, weight)
-        return weight * (x32 * rstd).to(x.dtype)
+        return out.view(shape)
 
     @staticmethod
     def backward(ctx, grad):
         x, rstd, weight = ctx.saved_tensors
-        x32 = x.to(torch.float32)
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad * (x32 * rstd).to(x.dtype)).sum_to_size(weight.shape).to(weight.dtype)
-        g = (grad * weight).to(x.dtype).to(torch.float32)  # through `weight * h.to(dtype)`
-        g_rstd = (g * x32).sum(-1, keepdim=True)
-        g_var = -0.5 * g_rstd * rstd.pow(3)  # rsqrt's derivative, as autograd writes it
-        g_x = g * rstd + g_var.expand_as(x32) / x32.shape[-1] * (2.0 * x32)  # mean's, then pow's
-        return g_x.to(x.dtype), grad_weight, None
+        shape = x.shape
+        grad_x, grad_weight = fused(_rms_grad, grad.reshape(-1, shape[-1]), x.reshape(-1, shape[-1]), rstd, weight,
+                                    ctx.needs_input_grad[1])
+        return grad_x.view(shape), grad_weight, None
+
+
+def _rms(x, weight, eps: float):
+    x32 = x.to(torch.float32)
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (x32 * rstd).to(x.dtype), rstd
+
+
+def _rms_grad(grad, x, rstd, weight, weight_grad: bool):
+    x32 = x.to(torch.float32)
+    grad_weight = None
+    if weight_grad:
+        grad_weight = (grad * (x32 * rstd).to(x.dtype)).sum_to_size(weight.shape).to(weight.dtype)
+    g = (grad * weight).to(x.dtype).to(torch.float32)  # through `weight * h.to(dtype)`
+    g_rstd = (g * x32).sum(-1, keepdim=True)
+    g_var = -0.5 * g_rstd * rstd.pow(3)  # rsqrt's derivative, as autograd writes it
+    g_x = g * rstd + g_var.expand_as(x32) / x32.shape[-1] * (2.0 * x32)  # mean's, then pow's
+    return g_x.to(x.dtype), grad_weight
 
 
 class _SwiGLU(torch.autograd.Function):
     """silu(gate) * up, keeping gate and up for backward (silu recomputed there) instead of also silu's output:
-    the same operations as autograd's, a third less of the MLP's activations held."""
+    the same operations as autograd's, a third less of the MLP's activations held (fused, section 6)."""
 
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        shape = gate.shape
+        return fused(_swiglu, gate.reshape(-1, shape[-1]), up.reshape(-1, shape[-1])).view(shape)
 
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+        shape = gate.shape
+        grad_gate, grad_up = fused(_swiglu_grad, *(t.reshape(-1, shape[-1]) for t in (grad, gate, up)))
+        return grad_gate.view(shape), grad_up.view(shape)
+
+
+def _swiglu(gate, up):
+    return F.silu(gate) * up
+
+
+def _swiglu_grad(grad, gate, up):
+    return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+
+
+class _RoPE(torch.autograd.Function):
+    """transformers' `apply_rotary_pos_emb` (q x cos + rotate_half(q) x sin, and k's) with its transpose as the
+    backward: dq = g x cos - rotate_half(g x sin). Used where its kernels are fused (section 6): there one kernel each
+    way for q and for k, not the slices, negation, concatenation, products and sum of each, and their backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, unsqueeze_dim):
+        ctx.save_for_backward(cos, sin)
+        ctx.unsqueeze_dim = unsqueeze_dim
+        return fused(_rope, q, k, cos, sin, unsqueeze_dim)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        cos, sin = ctx.saved_tensors
+        return *fused(_rope_grad, grad_q, grad_k, cos, sin, ctx.unsqueeze_dim), None, None, None
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope(q, k, cos, sin, unsqueeze_dim: int):
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rope_grad(grad_q, grad_k, cos, sin, unsqueeze_dim: int):
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return grad_q * cos - _rotate_half(grad_q * sin), grad_k * cos - _rotate_half(grad_k * sin)
+
+
+def _apply_rope(q, k, cos, sin, unsqueeze_dim=1):
+    return _RoPE.apply(q, k, cos, sin, unsqueeze_dim)
 
 
 def _rmsnorm_forward(self, hidden_states):
@@ -623,11 +704,15 @@ def lean_blocks(model):
     """The model's forward with RMSNorms and SiLU-gated MLPs whose code is transformers' Llama one (Llama, Qwen2/3,
     Mistral, SmolLM2 copy it) computed by `_RMSNorm` and `_SwiGLU`: the same values, less held for backward (on
     SmolLM2, 44 -> ~32 bytes per token, layer and hidden unit with the grouped-head attention above); and peft's
-    LoRA linear layers by `_lora_forward` (the low-rank sum in the matmul's epilogue). Other modules are left as they
-    are."""
+    LoRA linear layers by `_lora_forward` (the low-rank sum in the matmul's epilogue). Where kernels are fused on the
+    model's device (section 6), also Llama's rotary embedding (`_RoPE`), in every modeling module whose
+    `apply_rotary_pos_emb` is Llama's code. Other modules are left as they are."""
+    import sys
+
+    from transformers.models.llama import modeling_llama
     from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-    swapped, lora = [], _lora_linear_classes()
+    swapped, lora, namespaces = [], _lora_linear_classes(), {}
     for module in model.modules():
         forward = type(module).forward
         if type(module) in lora:
@@ -637,11 +722,20 @@ def lean_blocks(model):
         elif _same_code(forward, LlamaMLP.forward) and type(getattr(module, "act_fn", None)).__name__ in (
                 "SiLUActivation", "SiLU"):
             swapped.append((module, _swiglu_forward))
+        namespace = getattr(sys.modules.get(type(module).__module__), "__dict__", {})
+        namespaces[id(namespace)] = namespace
     swapped = [(m, f) for m, f in swapped if "forward" not in m.__dict__]  # one replaced already (a hook's) stays
     for module, forward in swapped:
         module.forward = forward.__get__(module)
         if forward is _lora_forward:
             module._finetune_plain_lora = _plain_lora_names(module)
+    parameter = next(model.parameters(), None)
+    rope = [(n, n["apply_rotary_pos_emb"]) for n in namespaces.values()
+            if parameter is not None and parameter.device.type in _fuse_on
+            and _same_code(n.get("apply_rotary_pos_emb"), modeling_llama.apply_rotary_pos_emb)
+            and _same_code(n.get("rotate_half"), modeling_llama.rotate_half)]
+    for namespace, _ in rope:
+        namespace["apply_rotary_pos_emb"] = _apply_rope
     try:
         yield
     finally:
@@ -649,6 +743,8 @@ def lean_blocks(model):
             if getattr(module.__dict__.get("forward"), "__func__", None) is forward:
                 del module.forward
                 module.__dict__.pop("_finetune_plain_lora", None)
+        for namespace, original in rope:
+            namespace["apply_rotary_pos_emb"] = original
 
 
 @contextlib.contextmanager
@@ -748,3 +844,79 @@ def usable(model) -> bool:
     plain = all(getattr(config, key, None) in (None, 1.0, 1) for key in
                 ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))
     return plain and not getattr(config, "output_router_logits", False)
+
+
+# ----------------------------------------------------------------------------- 6. fused elementwise kernels
+
+# Device types ("cuda", "cpu") whose elementwise chains run compiled (`use_fused_kernels`); emptied where compiling
+# fails.
+_fuse_on: frozenset = frozenset()
+_compiled: dict = {}
+
+
+def fused_kernels_default(setting: bool | None, device_type: str) -> bool:
+    """`train.fused_kernels` resolved: null means on CUDA where Triton (torch.compile's GPU code generator) imports."""
+    if setting is not None:
+        return setting
+    if device_type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_fused_kernels(device_types) -> None:
+    """From now on, in this process, the fast step's RMSNorm, RoPE, SwiGLU and the loss's softmax run on these device
+    types as torch.compile builds them (`fused`)."""
+    global _fuse_on
+    _fuse_on = frozenset(device_types)
+
+
+def install_fused(setting: bool | None, args) -> None:
+    """`train.fused_kernels` for a run on `args.device` (TrainingArguments), said once by the main process."""
+    device = args.device.type
+    on = fused_kernels_default(setting, device)
+    use_fused_kernels({device} if on else ())
+    if on and args.process_index == 0:
+        print(f"Fused kernels (train.fused_kernels): RMSNorm, rotary embedding, SwiGLU and the loss's softmax on "
+              f"{device}, compiled by torch.compile during the first step", flush=True)
+
+
+def fuses(tensor: torch.Tensor) -> bool:
+    return tensor.device.type in _fuse_on
+
+
+def fused(function, *args):
+    """function(*args), compiled by torch.compile where kernels are fused on the first argument's device: one graph
+    (no breaks), each elementwise chain one generated kernel (a reduction and its elementwise work together) instead
+    of an eager kernel per operation, and each intermediate kept in registers instead of written out; the arithmetic
+    in fp32 in between, rounded where the code rounds. The first dimension of every tensor (tokens, or batch rows)
+    is compiled as dynamic, so a new batch shape does not recompile; the first call compiles (seconds; torch's
+    inductor caches the kernels on disk between runs). Anywhere else, or once compiling failed (a warning), `function`
+    itself."""
+    if args[0].device.type not in _fuse_on:
+        return function(*args)
+    compiled = _compiled.get(function)
+    if compiled is None:
+        compiled = _compiled[function] = torch.compile(function, fullgraph=True)
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and arg.dim() > 1:
+            torch._dynamo.maybe_mark_dynamic(arg, 0)
+    try:
+        return compiled(*args)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 (a compiler's failure: no C++ compiler, Triton too old, ...)
+        _fusing_failed(error)
+        return function(*args)
+
+
+def _fusing_failed(error: Exception) -> None:
+    global _fuse_on
+    import warnings
+
+    _fuse_on = frozenset()
+    warnings.warn(f"fused kernels (torch.compile) failed: {type(error).__name__}: "
+                  f"{(str(error).splitlines() or [''])[0][:300]}; the step's eager kernels run instead", stacklevel=3)

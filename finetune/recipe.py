@@ -171,6 +171,12 @@ class TrainConfig:
                                        "each packed document, LoRA in the base's dtype; DPO, KTO, GRPO, RLOO: TRL's "
                                        "head scores only labelled positions on the CPU too (finetune/fastpath.py). "
                                        "false: the plain TRL/transformers step.")
+    fused_kernels: bool | None = field_spec(
+        None, "With fast_path (SFT, pretraining): RMSNorm, rotary embedding, SwiGLU and the loss's softmax each run "
+              "as one kernel each way, which torch.compile generates on the first step (seconds, counted in that "
+              "step; its inductor caches them on disk); where compiling fails, a warning and the eager kernels. Inside "
+              "a kernel the arithmetic is fp32, so bf16 results differ from the eager step's by rounding. null: on "
+              "CUDA where Triton is installed; true: on any device (the CPU's need a C++ compiler); false: never.")
     gpu_tokens_per_step: int | None = field_spec(
         16384, "On CUDA, packed SFT: the per-device batch is raised to this many tokens per optimizer step (batch x "
                "data.max_length x gradient_accumulation_steps), or to what the memory estimate fits in 85% of the "

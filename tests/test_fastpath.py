@@ -700,3 +700,74 @@ def test_the_head_moves_into_the_loss_only_where_it_is_a_plain_unhooked_layer():
     assert "forward" not in head.__dict__ and fastpath._plain_head(model) is head
     head.weight.requires_grad_(True)  # trained and untied: outside the forward's graph, which DDP would refuse
     assert head.weight is not model.get_input_embeddings().weight and fastpath._plain_head(model) is None
+
+
+@contextlib.contextmanager
+def _fused_on(*devices):
+    fastpath.use_fused_kernels(devices)
+    try:
+        yield
+    finally:
+        fastpath.use_fused_kernels(())
+
+
+def _fused_and_compiled(device: str, dtype, monkeypatch):
+    """The packed-rows and chunked-loss checks with the fused kernels on `device`; every fused function compiled
+    (none fell back)."""
+    monkeypatch.setattr(fastpath, "_compiled", {})
+    monkeypatch.setattr(fastpath, "LOSS_CHUNK", 16)
+    monkeypatch.setattr(fastpath, "LOSS_CHUNK_CUDA", 16)
+    monkeypatch.setattr(fastpath, "LOSS_WHOLE_BYTES", 0)
+    ropes = []
+    real_rope = fastpath._apply_rope
+    monkeypatch.setattr(fastpath, "_apply_rope", lambda *a: ropes.append(a[0].shape) or real_rope(*a))
+    with _fused_on(device):
+        model = _tiny_lora(dtype).to(device)
+        inputs = {k: v.to(device) for k, v in _packed_batch().items()}
+        _assert_same(model, inputs, dtype, route="varlen" if device == "cuda" else "layout")
+        assert fastpath._fuse_on == {device}  # nothing failed
+    assert set(fastpath._compiled) == {fastpath._rms, fastpath._rms_grad, fastpath._swiglu, fastpath._swiglu_grad,
+                                       fastpath._rope, fastpath._rope_grad, fastpath._nll_grad_fusable}
+    assert len(ropes) == 2  # each layer's rotary embedding, through the fused one
+    from transformers.models.llama import modeling_llama
+
+    assert modeling_llama.apply_rotary_pos_emb.__name__ == "apply_rotary_pos_emb"  # transformers' own again
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernels_learn_what_the_plain_step_learns(dtype, monkeypatch):
+    """train.fused_kernels on the CPU (inductor's C++ kernels): RMSNorm, RoPE, SwiGLU and the loss's softmax
+    compiled, forward and backward; the same loss and gradients as the plain step at the module's tolerances (fp32
+    to 1e-5: only the order of sums differs)."""
+    _fused_and_compiled("cpu", dtype, monkeypatch)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's fused kernels (Triton)")
+def test_cuda_fused_kernels_learn_what_the_plain_step_learns(monkeypatch):
+    assert fastpath.fused_kernels_default(None, "cuda")  # Triton comes with CUDA's torch
+    _fused_and_compiled("cuda", torch.bfloat16, monkeypatch)
+
+
+def test_fused_kernels_fall_back_to_the_eager_step_with_a_warning(monkeypatch):
+    """Where compiling fails (no C++ compiler, an old Triton), a warning names the error, the step's eager kernels
+    compute the same values, and nothing is compiled again in this process."""
+    def broken(function, **options):
+        def run(*args):
+            raise RuntimeError("backend compiler failed: no working C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(fastpath, "_compiled", {})
+    model = _tiny_lora(torch.float32)
+    eager, _ = fastpath.supervised_nll(model, _packed_batch())
+    with _fused_on("cpu"), pytest.warns(UserWarning, match="fused kernels .torch.compile. failed: RuntimeError: "
+                                                           "backend compiler failed: no working C"):
+        loss, _ = fastpath.supervised_nll(model, _packed_batch())
+        assert fastpath._fuse_on == frozenset()
+    assert torch.equal(loss, eager)
+    assert set(fastpath._compiled) == {fastpath._rms}  # the first one tried, and no other after it
+
+
+def test_fused_kernels_default_to_cuda_with_triton_only():
+    assert not fastpath.fused_kernels_default(None, "cpu")
+    assert fastpath.fused_kernels_default(True, "cpu") and not fastpath.fused_kernels_default(False, "cuda")

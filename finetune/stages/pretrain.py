@@ -186,6 +186,7 @@ def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, reci
 
     if recipe.train.fast_path:
         fastpath.install_attention()
+    fastpath.install_fused(recipe.train.fused_kernels if recipe.train.fast_path else False, args)
     trainer = PretrainTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
                       data_collator=PackedCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                       callbacks=callbacks)

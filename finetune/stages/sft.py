@@ -62,7 +62,10 @@ def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, reci
             with fastpath.lora_autocast(self.model, compute_dtype, self.args.device.type):
                 loss = fastpath.trainer_loss(self, model, inputs, num_items_in_batch)
             # TRL's count of input tokens (its tokens/s and num_tokens); entropy and accuracy are not computed.
-            if self.model.training:
+            if self.model.training and "attention_mask" not in inputs and self.accelerator.num_processes == 1:
+                # TRL's count, known on the host: no device round trip (a sync between forward and backward on GPUs)
+                self._total_train_tokens += inputs["position_ids"].size(1) // self._tp_size
+            elif self.model.training:
                 if "attention_mask" in inputs:
                     seen = inputs["attention_mask"].sum()
                 else:
@@ -76,6 +79,7 @@ def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, reci
     compute_dtype = models.resolve_dtype(recipe.model.dtype)
     if recipe.train.fast_path:
         fastpath.install_attention()
+    fastpath.install_fused(recipe.train.fused_kernels if recipe.train.fast_path else False, args)
     # TRL packs the rows with datasets' map, which writes its result beside the data it maps: into the processed-data
     # cache that other processes read. Kept out of it (in a temporary folder of this process), the cache stays as
     # it was published.
