@@ -40,6 +40,7 @@ packed and padded batches; tests/test_stages.py the same for 5.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -680,6 +681,7 @@ def _bare_linear(module) -> bool:
         and type(module.weight) is torch.nn.Parameter and module.weight.numel() > 0
 
 
+@functools.cache
 def _lora_linear_classes() -> tuple:
     from peft.tuners.lora import layer
 
@@ -712,23 +714,22 @@ def lean_blocks(model):
     from transformers.models.llama import modeling_llama
     from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-    swapped, lora, namespaces = [], _lora_linear_classes(), {}
-    for module in model.modules():
-        forward = type(module).forward
-        if type(module) in lora:
-            swapped.append((module, _lora_forward))
-        elif _same_code(forward, LlamaRMSNorm.forward):
-            swapped.append((module, _rmsnorm_forward))
-        elif _same_code(forward, LlamaMLP.forward) and type(getattr(module, "act_fn", None)).__name__ in (
-                "SiLUActivation", "SiLU"):
+    swapped, namespaces = [], {}
+    for module in _modules(model):
+        kind = _kinds.get((type(module), type(module).forward))
+        if kind is None:
+            kind = _kinds[type(module), type(module).forward] = _kind(type(module), LlamaRMSNorm, LlamaMLP)
+        if kind == "mlp" and type(getattr(module, "act_fn", None)).__name__ in ("SiLUActivation", "SiLU"):
             swapped.append((module, _swiglu_forward))
+        elif kind in _FORWARDS:
+            swapped.append((module, _FORWARDS[kind]))
         namespace = getattr(sys.modules.get(type(module).__module__), "__dict__", {})
         namespaces[id(namespace)] = namespace
     swapped = [(m, f) for m, f in swapped if "forward" not in m.__dict__]  # one replaced already (a hook's) stays
-    for module, forward in swapped:
-        module.forward = forward.__get__(module)
+    for module, forward in swapped:  # (in the instance's __dict__ as nn.Module.__setattr__ puts it, minus its checks)
+        module.__dict__["forward"] = forward.__get__(module)
         if forward is _lora_forward:
-            module._finetune_plain_lora = _plain_lora_names(module)
+            module.__dict__["_finetune_plain_lora"] = _plain_lora_names(module)
     parameter = next(model.parameters(), None)
     rope = [(n, n["apply_rotary_pos_emb"]) for n in namespaces.values()
             if parameter is not None and parameter.device.type in _fuse_on
@@ -747,13 +748,42 @@ def lean_blocks(model):
             namespace["apply_rotary_pos_emb"] = original
 
 
+_kinds: dict = {}  # (module class, its forward) -> "lora", "rms", "mlp" or "" (left as it is)
+_FORWARDS = {"lora": _lora_forward, "rms": _rmsnorm_forward}
+
+
+def _kind(cls, norm, mlp) -> str:
+    if cls in _lora_linear_classes():
+        return "lora"
+    return "rms" if _same_code(cls.forward, norm.forward) else "mlp" if _same_code(cls.forward, mlp.forward) else ""
+
+
+_step_modules: dict = {}  # id(model) -> its modules, listed once for the step under way (`step_modules`)
+
+
+def _modules(model) -> list:
+    """The model's modules: listed once per training step (the contexts of a step each need them; walking a 1B
+    model's ~1,300 modules costs the host about a millisecond each time, while the GPU waits for the step)."""
+    inner = getattr(model, "module", model)
+    listed = _step_modules.get(id(inner))
+    return listed if listed is not None else list(inner.modules())
+
+
 @contextlib.contextmanager
 def step_modules(model, compute_dtype: torch.dtype):
     """Around a whole training step, forward and backward: the lean blocks, and (bf16/fp16 base) LoRA inputs not
     cast to the adapter's dtype (`lora_autocast`), so that a backward which recomputes the forward (activation
     checkpointing) recomputes the one the step ran. Autocast itself stays with the forward."""
-    with lean_blocks(model), _lora_inputs_uncast(model, compute_dtype in (torch.bfloat16, torch.float16)):
-        yield
+    inner = getattr(model, "module", model)
+    outer = id(inner) not in _step_modules
+    if outer:
+        _step_modules[id(inner)] = list(inner.modules())
+    try:
+        with lean_blocks(model), _lora_inputs_uncast(model, compute_dtype in (torch.bfloat16, torch.float16)):
+            yield
+    finally:
+        if outer:
+            del _step_modules[id(inner)]
 
 
 # ----------------------------------------------------------------------------- 4. LoRA in the base's dtype
@@ -775,7 +805,7 @@ def lora_autocast(model, compute_dtype: torch.dtype, device_type: str):
 def _lora_inputs_uncast(model, enabled: bool = True):
     # peft.helpers.disable_input_dtype_casting does this for every tuner layer, but fails on layers without the flag
     # (TrainableTokensLayer, peft 0.21); LoRA layers are the ones that cast.
-    layers = [m for m in model.modules() if hasattr(m, "lora_A")] if enabled else []
+    layers = [m for m in _modules(model) if "lora_A" in m._modules] if enabled else []
     before = [getattr(m, "cast_input_dtype_enabled", True) for m in layers]
     for layer in layers:
         layer.cast_input_dtype_enabled = False

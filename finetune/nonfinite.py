@@ -33,6 +33,7 @@ class NonFiniteGuard(TrainerCallback):
         self.skips = 0
         self.trainer = None
         self._bad_loss = None  # a 0-dim bool tensor: some micro-batch loss since the last step was not finite
+        self._step_params = None
 
     def install(self, trainer) -> None:
         """Wrap the trainer's loss so that each micro-batch's value is checked."""
@@ -68,7 +69,7 @@ class NonFiniteGuard(TrainerCallback):
         return [p for p in self.trainer.model.parameters() if p.requires_grad]
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        params = self._params()
+        params = self._step_params = self._params()  # and after the step (on_optimizer_step): one walk of the model
         grads = [p.grad for p in params if p.grad is not None]
         flags = torch.zeros(2, device=args.device)
         if self._bad_loss is not None:
@@ -100,7 +101,8 @@ class NonFiniteGuard(TrainerCallback):
                             f"weights and the checkpoints so far are finite. {_advice(args)}")
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        params = self._params()  # under ZeRO-3 these are empty placeholders: the loss check above still holds
+        # Under ZeRO-3 these are empty placeholders: the loss check above still holds.
+        params, self._step_params = self._step_params or self._params(), None
         finite = _all_finite([_local(p) for p in params]) if params else torch.tensor(True)
         flag = (~finite).float().to(args.device).reshape(1)
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -306,6 +306,8 @@ def test_on_cuda_packed_sft_fills_the_token_budget_the_memory_estimate_allows(tm
     trainer, message, _ = built(1024, 80)  # max_length 128: 8 rows
     assert trainer.args.per_device_train_batch_size == 8 and trainer._train_batch_size == 8
     assert message.startswith("CUDA: per-device batch 2 -> 8, 1,024 tokens per optimizer step (train.gpu_tokens_per_")
+    assert "; the next batches collated by 2 DataLoader workers while a step runs; " in message
+    assert (trainer.args.dataloader_num_workers, trainer.args.dataloader_persistent_workers) == (2, True)
     assert next(iter(trainer.get_train_dataloader()))["input_ids"].numel() > 2 * 128  # more than the recipe's 2 rows
     trainer, message, estimate = built(10**6, 80)  # the budget beyond memory: as many rows as the estimate fits
     rows = trainer.args.per_device_train_batch_size
@@ -374,8 +376,10 @@ def test_on_cuda_packed_sft_fills_the_token_budget_the_memory_estimate_allows(tm
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     trainer, message, _ = built(None, 80)
     assert message is None and trainer.args.per_device_train_batch_size == 2
-    trainer, message, _ = built(1024, 0.001)  # no room: the recipe's batch stays
-    assert message is None and trainer.args.per_device_train_batch_size == 2
+    trainer, message, _ = built(1024, 0.001)  # no room: the recipe's batch stays (collated by the workers still)
+    assert message == ("CUDA: the next batches collated by 2 DataLoader workers while a step runs "
+                       "(train.gpu_tokens_per_step: null keeps the recipe's loader)")
+    assert trainer.args.per_device_train_batch_size == 2 and trainer.args.dataloader_num_workers == 2
     recipe = tiny_recipe(tmp_path, tiny_llama, chat_file, data={"packing": True})
     b = runner.build(recipe)  # a CPU run (use_cpu) on a machine with a GPU keeps its batch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
