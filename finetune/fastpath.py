@@ -32,6 +32,9 @@ forward.
 5. The preference and RL stages (DPO, KTO, GRPO, RLOO) keep TRL's step, whose fused LM head scores answers at the
    positions with a label only where Triton runs and at every position elsewhere: on the CPU too, only where the
    label is (`compact_head_trainer`; the README's item 6).
+6. Fused kernels (`train.fused_kernels`; by default on CUDA where Triton is installed): the lean RMSNorm, the rotary
+   embedding, SwiGLU and the chunked loss's softmax each compiled by torch.compile into one kernel each way (`fused`),
+   instead of an eager kernel per operation; elsewhere, or where compiling fails, the same functions run eagerly.
 
 tests/test_fastpath.py checks that the loss and every gradient match the plain path (TRL's), in fp32 and bf16, for
 packed and padded batches; tests/test_stages.py the same for 5.
