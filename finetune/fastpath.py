@@ -251,10 +251,14 @@ class _ChunkedNLL(torch.autograd.Function):
             rows = x[i : i + chunk]
             logits = rows if weight is None else F.linear(rows.to(dtype), weight)
             if fuses(logits):  # one pass over the logits for the statistics, one for the gradient
-                nll, grad = fused(_nll_grad_fusable, logits, targets[i : i + chunk], grad_dtype)
+                nll, grad = fused(_nll_grad_fusable, logits, targets[i : i + chunk], grad_dtype,
+                                  fallback=_nll_grad_of_logits)
+                del logits
             else:
-                nll, grad = _nll_grad(logits, targets[i : i + chunk], grad_dtype)
-            del logits
+                logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+                del logits
+                nll, grad = _nll_grad(logprobs, targets[i : i + chunk], grad_dtype)
+                del logprobs
             total += nll
             if weight is None:
                 grad_x[i : i + chunk] = grad
@@ -277,16 +281,20 @@ class _ChunkedNLL(torch.autograd.Function):
         return grad_x.mul_(grad_output).to(ctx.dtype), None, grad_w
 
 
-def _nll_grad(logits, target, grad_dtype: torch.dtype):
+def _nll_grad(logprobs, target, grad_dtype: torch.dtype):
     """A chunk's summed negative log-likelihood (fp32) and its gradient (softmax - one-hot; zero where the target is
-    -100) in `grad_dtype`, with one [rows x vocabulary] fp32 tensor at a time."""
+    -100) in `grad_dtype`, from its fp32 log-probabilities, which become the softmax in place: one [rows x
+    vocabulary] fp32 tensor at a time."""
     trained = target != -100
     target = target.clamp(min=0)[:, None]
-    logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
     nll = -torch.where(trained, logprobs.gather(1, target)[:, 0], 0.0).sum()
     probs = logprobs.exp_()
     probs.scatter_add_(1, target, probs.new_full(target.shape, -1.0))
     return nll, probs.masked_fill_(~trained[:, None], 0.0).to(grad_dtype)
+
+
+def _nll_grad_of_logits(logits, target, grad_dtype: torch.dtype):
+    return _nll_grad(torch.log_softmax(logits, dim=-1, dtype=torch.float32), target, grad_dtype)
 
 
 def _nll_grad_fusable(logits, target, grad_dtype: torch.dtype):
@@ -921,16 +929,17 @@ def fuses(tensor: torch.Tensor) -> bool:
     return tensor.device.type in _fuse_on
 
 
-def fused(function, *args):
+def fused(function, *args, fallback=None):
     """function(*args), compiled by torch.compile where kernels are fused on the first argument's device: one graph
     (no breaks), each elementwise chain one generated kernel (a reduction and its elementwise work together) instead
     of an eager kernel per operation, and each intermediate kept in registers instead of written out; the arithmetic
-    in fp32 in between, rounded where the code rounds. The first dimension of every tensor (tokens, or batch rows)
-    is compiled as dynamic, so a new batch shape does not recompile; the first call compiles (seconds; torch's
-    inductor caches the kernels on disk between runs). Anywhere else, or once compiling failed (a warning), `function`
-    itself."""
+    fp32 in between. The first dimension of every tensor of two or more (tokens, or batch rows) is compiled as dynamic
+    from the start; any other size that changes between calls (the packed rows' width, a shorter last chunk) compiles
+    once more, as dynamic from then on (torch's automatic dynamic shapes). The first call compiles (seconds; torch's
+    inductor caches the kernels on disk between runs). Anywhere else, or once compiling
+    failed (a warning), `fallback` (the same computation, eager: default `function` itself)."""
     if args[0].device.type not in _fuse_on:
-        return function(*args)
+        return (fallback or function)(*args)
     compiled = _compiled.get(function)
     if compiled is None:
         compiled = _compiled[function] = torch.compile(function, fullgraph=True)
@@ -939,11 +948,14 @@ def fused(function, *args):
             torch._dynamo.maybe_mark_dynamic(arg, 0)
     try:
         return compiled(*args)
-    except torch.OutOfMemoryError:
+    except _DEVICE_ERRORS:  # the device's own failure (out of memory, a fault): not the compiler's
         raise
     except Exception as error:  # noqa: BLE001 (a compiler's failure: no C++ compiler, Triton too old, ...)
         _fusing_failed(error)
-        return function(*args)
+        return (fallback or function)(*args)
+
+
+_DEVICE_ERRORS = tuple(e for e in (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", None)) if e)
 
 
 def _fusing_failed(error: Exception) -> None:

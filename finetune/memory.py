@@ -21,6 +21,7 @@ GPU runs (below); other steps there keep the CPU's, which run high.
 from __future__ import annotations
 
 import json
+import os
 import resource
 from pathlib import Path
 
@@ -179,8 +180,10 @@ def fit_cuda_batch(trainer, recipe, prepared, tokens_per_step: int | None, share
     trainer.finetune_recipe_accumulation = accumulation
     trainer.finetune_fitting_rows = fits
     workers = ""
-    if args.dataloader_num_workers == 0:  # the recipes' default; another value is the recipe's own choice
+    if args.dataloader_num_workers == 0:  # the recipes' default (an explicit 0 reads the same); 1 or more: the recipe's
         args.dataloader_num_workers, args.dataloader_persistent_workers = CUDA_LOADER_WORKERS, True
+        # The fast tokenizer's threads were used before the fork: its per-worker warning, and its own fallback.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         workers = f"; the next batches collated by {CUDA_LOADER_WORKERS} DataLoader workers while a step runs"
     if chosen == batch and folded == accumulation:
         return f"CUDA: {workers[2:]} (train.gpu_tokens_per_step: null keeps the recipe's loader)" if workers else None

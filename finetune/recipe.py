@@ -183,9 +183,10 @@ class TrainConfig:
                "GPU's free memory if fewer; never below per_device_train_batch_size, which the CPU keeps "
                "(finetune bench: small batches are fastest there). Where the step's rows fit in one forward, "
                "gradient_accumulation_steps is folded into the batch (the same rows and update); where "
-               "dataloader_num_workers is 0 (the default), 2 DataLoader workers collate the next batches while a "
-               "step runs. Fewer, larger steps per epoch; a resumed run keeps the batch its checkpoint was trained "
-               "with. Not under DeepSpeed. null: the recipe's batch and loader on GPUs too.", minimum=1)
+               "dataloader_num_workers is 0 (the default; an explicit 0 reads the same), 2 DataLoader workers "
+               "collate the next batches while a step runs. Fewer, larger steps per epoch; a resumed run keeps the "
+               "batch its checkpoint was trained with. Not under DeepSpeed. null: the recipe's batch and loader on "
+               "GPUs too.", minimum=1)
     # Everything else under `train` is a field of the stage's TRL config, kept here after checking.
     args: dict[str, Any] = field_spec({}, "Arguments of the stage's TRL config.")
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import shutil
 
 import pytest
 import torch
@@ -734,6 +736,7 @@ def _fused_and_compiled(device: str, dtype, monkeypatch):
     assert modeling_llama.apply_rotary_pos_emb.__name__ == "apply_rotary_pos_emb"  # transformers' own again
 
 
+@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="inductor's CPU kernels need a C++ compiler")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_kernels_learn_what_the_plain_step_learns(dtype, monkeypatch):
     """train.fused_kernels on the CPU (inductor's C++ kernels): RMSNorm, RoPE, SwiGLU and the loss's softmax
@@ -766,6 +769,18 @@ def test_fused_kernels_fall_back_to_the_eager_step_with_a_warning(monkeypatch):
         assert fastpath._fuse_on == frozenset()
     assert torch.equal(loss, eager)
     assert set(fastpath._compiled) == {fastpath._rms}  # the first one tried, and no other after it
+    # The loss's fused form falls back to the eager one (one fp32 chunk at a time): the same values.
+    logits, target = torch.randn(8, 50), torch.tensor([3, -100, 7, 0, 49, -100, 1, 2])
+    with _fused_on("cpu"), pytest.warns(UserWarning, match="fused kernels .torch.compile. failed"):
+        nll, grad = fastpath.fused(fastpath._nll_grad_fusable, logits, target, torch.float32,
+                                   fallback=fastpath._nll_grad_of_logits)
+    reference = torch.nn.functional.cross_entropy(logits.requires_grad_(), target, ignore_index=-100,
+                                                  reduction="sum")
+    reference.backward()
+    torch.testing.assert_close(nll, reference.detach())
+    torch.testing.assert_close(grad, logits.grad)
+    assert [torch.allclose(a, b) for a, b in zip(fastpath._nll_grad_fusable(logits.detach(), target, torch.float32),
+                                                 (nll, grad))] == [True, True]
 
 
 def test_fused_kernels_default_to_cuda_with_triton_only():
