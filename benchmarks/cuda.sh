@@ -5,7 +5,8 @@
 # TOKDIR: SmolLM2-135M's tokenizer and config files where the embedded model is not at hand (see random_models.py).
 # Tables go to OUTDIR/*.md; the models to $MODELS (default: a new temporary folder). The cases run in the order of
 # what a short device session most needs measured (the 1B's share of the matmul rate first); CASES="name ..." runs
-# only the cases named (llama1b, llama1b-eager, smol-lora, smol-lora-checkpointing, llama1b-32k).
+# only the cases named (llama1b, llama1b-eager, smol-lora, smol-lora-checkpointing, llama1b-32k); AB=1 and PROFILE=1
+# add the A/B of the step's parts and the profiles below.
 set -u
 OUT=${1:-bench-cuda}; TOKDIR=${2:-}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -28,6 +29,15 @@ want smol-lora-checkpointing && bench smol-lora-checkpointing --model "$MODELS/s
 # 1B Llama shape at 32,768 tokens per step
 want llama1b-32k && bench llama1b-32k --model "$MODELS/llama1b" --cases sft-lora-chat --sides finetune \
   --max-steps 10 --set train.gpu_tokens_per_step=32768
+# The step with and without its parts, interleaved in one process (benchmarks/ab_step.py: time, tokens/s, peak memory
+# of each variant on the same batches): AB=1, for the models in AB_MODELS, the variants in AB_VARIANTS
+if [ "${AB:-0}" = 1 ]; then
+  for model in ${AB_MODELS:-smol llama1b}; do
+    echo "== ab $model"; timeout 300 python3 benchmarks/ab_step.py recipes/smollm2-135m/sft_lora.yaml \
+      "model.name=$MODELS/$model" "data.datasets=[{name: bench_chat, split: train}]" data.max_length=1024 \
+      --variants "${AB_VARIANTS:-default,keep-lora-inputs,separate-lora-a}" 2>&1 | tail -n 6 | tee "$OUT/ab-$model.txt"
+  done
+fi
 # Where the step's time goes on the GPU (operators by device time and host time, kernel launches; "GPU busy" is the
 # share of the wall time the GPU computed), with one step's trace: PROFILE=1
 if [ "${PROFILE:-0}" = 1 ]; then

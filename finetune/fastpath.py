@@ -550,10 +550,11 @@ class _RMSNorm(torch.autograd.Function):
         shape = x.shape
         out, rstd = fused(_rms, x.reshape(-1, shape[-1]), weight, eps)
         ctx.save_for_backward(x, rstd, weight)
-        return out.view(shape)
+        ctx.mark_non_differentiable(rstd)
+        return out.view(shape), rstd  # rstd: for a LoRA layer that recomputes this output (`_LoRAIn`)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _):
         x, rstd, weight = ctx.saved_tensors
         shape = x.shape
         grad_x, grad_weight = fused(_rms_grad, grad.reshape(-1, shape[-1]), x.reshape(-1, shape[-1]), rstd, weight,
@@ -565,6 +566,11 @@ def _rms(x, weight, eps: float):
     x32 = x.to(torch.float32)
     rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * (x32 * rstd).to(x.dtype), rstd
+
+
+def _rms_out(x, rstd, weight):
+    """`_rms`'s output again, from its input and saved inverse RMS: the same operations, the same values."""
+    return weight * (x.to(torch.float32) * rstd).to(x.dtype)
 
 
 def _rms_grad(grad, x, rstd, weight, weight_grad: bool):
@@ -642,11 +648,18 @@ def _apply_rope(q, k, cos, sin, unsqueeze_dim=1):
 
 
 def _rmsnorm_forward(self, hidden_states):
-    return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+    out, rstd = _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+    if hidden_states.requires_grad and _recomputes(out):  # (recomputed from what the norm keeps: nothing otherwise)
+        out._finetune_recompute = (_rms_out, (hidden_states.reshape(-1, hidden_states.shape[-1]), rstd, self.weight))
+    return out
 
 
 def _swiglu_forward(self, x):
-    return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    out = _SwiGLU.apply(gate, up)
+    if _recomputes(out):
+        out._finetune_recompute = (_swiglu, (gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])))
+    return self.down_proj(out)
 
 
 def _lora_forward(self, x, *args, **kwargs):
@@ -667,10 +680,102 @@ def _lora_forward(self, x, *args, **kwargs):
     result = self.base_layer(x)
     if not autocast and result.dtype != x.dtype:  # a quantized base computing in another dtype (not the fast step's)
         return type(self).forward(self, x)
-    h = F.linear(x, a)
+    h = _lora_in(self, name, x, autocast)
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(),
                       alpha=self.scaling[name])
     return out.view(result.shape).to(result.dtype)  # as peft returns it (autocast may compute in another dtype)
+
+
+class _LoRAIn(torch.autograd.Function):
+    """LoRA's first matmul for one or more adapters that take the same input x [tokens x in]: x @ [A1; A2; ...]^T in
+    one matmul, split into each adapter's [tokens x rank] (Llama's q, k and v projections share their input, as do
+    gate and up: one matmul instead of three or two, forward and backward, and one gradient for x instead of a sum).
+    For backward it keeps x, or, where x is a lean norm's or SwiGLU's output and the device recomputes them
+    (`_recomputes`), only what those functions keep already (the norm's input and inverse RMS; gate and up): x is
+    computed again in backward (one fused kernel) instead of being held from forward to backward."""
+
+    @staticmethod
+    def forward(ctx, x, recompute, ranks, dtype, *tensors):
+        weights, sources = tensors[:len(ranks)], tensors[len(ranks):]
+        ctx.recompute, ctx.ranks, ctx.dtype = recompute, ranks, dtype
+        ctx.save_for_backward(*weights, *(sources if recompute else (x,)))
+        with torch.autocast(x.device.type, enabled=False):
+            stacked = torch.cat([w.to(dtype) for w in weights]) if len(weights) > 1 else weights[0].to(dtype)
+            return tuple((x @ stacked.t()).split(ranks, dim=1))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        weights, rest = saved[:len(ctx.ranks)], saved[len(ctx.ranks):]
+        x = fused(ctx.recompute, *rest) if ctx.recompute else rest[0]
+        grad = torch.cat(grads, dim=1) if len(grads) > 1 else grads[0]
+        stacked = torch.cat([w.to(ctx.dtype) for w in weights]) if len(weights) > 1 else weights[0].to(ctx.dtype)
+        grad_x = grad @ stacked if ctx.needs_input_grad[0] else None
+        grad_weights = (grad.t() @ x).split(ctx.ranks, dim=0)
+        return (grad_x, None, None, None, *(g.to(w.dtype) for g, w in zip(grad_weights, weights)),
+                *(None for _ in rest if ctx.recompute))
+
+
+def _recomputes(x: torch.Tensor) -> bool:
+    """Whether LoRA layers taking x (a lean norm's or SwiGLU's output) recompute it in backward instead of keeping it:
+    while gradients are recorded, on devices other than the CPU (there the elementwise work is a larger share of the
+    step than memory is of the machine; `_keep_lora_inputs_on`)."""
+    return torch.is_grad_enabled() and x.device.type not in _keep_lora_inputs_on
+
+
+_keep_lora_inputs_on: frozenset = frozenset({"cpu"})
+
+
+class _SharedInput:
+    """peft LoRA layers of one module that take the same input (`lean_blocks` groups Llama's q/k/v and gate/up): the
+    first of them to run computes the A matmul of all (`_LoRAIn`); the others take their part."""
+
+    def __init__(self, layers: list, names: list):
+        self.layers, self.names, self.x, self.version, self.parts = layers, names, None, None, {}
+
+    def take(self, layer, x: torch.Tensor, recompute, dtype):
+        if self.x is not x or self.version != x._version or layer not in self.parts:
+            weights = [m.lora_A[n].weight for m, n in zip(self.layers, self.names)]
+            parts = _LoRAIn.apply(x.reshape(-1, x.shape[-1]), recompute and recompute[0], [w.shape[0] for w in weights],
+                                  dtype, *weights, *(recompute[1] if recompute else ()))
+            self.x, self.version, self.parts = x, x._version, dict(zip(self.layers, parts))
+        part = self.parts.pop(layer)
+        if not self.parts:
+            self.x = None
+        return part
+
+
+def _lora_in(layer, name: str, x: torch.Tensor, autocast: bool) -> torch.Tensor:
+    """x @ A^T for `_lora_forward`: through the layer's `_SharedInput` where `lean_blocks` grouped it, or recomputing
+    x in backward where x says how (`_LoRAIn`); otherwise F.linear."""
+    a = layer.lora_A[name].weight
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast else a.dtype
+    recompute = x.__dict__.get("_finetune_recompute") if _recomputes(x) else None
+    group = layer.__dict__.get("_finetune_group")
+    if x.dtype != dtype or group is None and recompute is None:
+        return F.linear(x, a)
+    if group is not None:
+        return group.take(layer, x, recompute, dtype)
+    return _LoRAIn.apply(x.reshape(-1, x.shape[-1]), recompute[0], [a.shape[0]], dtype, a, *recompute[1])[0]
+
+
+# Sibling LoRA layers that a Llama-family block feeds the same input: each group's A matmuls run as one.
+_SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _shared_inputs(module) -> list:
+    """The groups of `_SHARED_INPUT` among this module's children (two or more of each's names): LoRA layers whose
+    forward is `_lora_forward`, each with one active adapter that it computes plainly, A's weights of one dtype and
+    device."""
+    groups = []
+    for names in _SHARED_INPUT:
+        layers = [m for m in map(module._modules.get, names) if m is not None and "_finetune_plain_lora" in m.__dict__
+                  and len(m.active_adapters) == 1 and m.active_adapters[0] in m.__dict__["_finetune_plain_lora"]]
+        adapters = [m.active_adapters[0] for m in layers]
+        if len(layers) > 1 and len({(m.lora_A[a].weight.dtype, m.lora_A[a].weight.device)
+                                    for m, a in zip(layers, adapters)}) == 1:
+            groups.append(_SharedInput(layers, adapters))
+    return groups
 
 
 def _plain_lora_names(layer) -> set:
@@ -725,8 +830,10 @@ def lean_blocks(model):
     from transformers.models.llama import modeling_llama
     from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-    swapped, namespaces = [], {}
+    swapped, namespaces, parents = [], {}, []
     for module in _modules(model):
+        if "q_proj" in module._modules or "gate_proj" in module._modules:
+            parents.append(module)
         kind = _kinds.get((type(module), type(module).forward))
         if kind is None:
             kind = _kinds[type(module), type(module).forward] = _kind(type(module), LlamaRMSNorm, LlamaMLP)
@@ -741,6 +848,11 @@ def lean_blocks(model):
         module.__dict__["forward"] = forward.__get__(module)
         if forward is _lora_forward:
             module.__dict__["_finetune_plain_lora"] = _plain_lora_names(module)
+    groups = [g for parent in parents for g in _shared_inputs(parent)
+              if not any("_finetune_group" in m.__dict__ for m in g.layers)]  # (an outer `lean_blocks`' stay)
+    for group in groups:
+        for layer in group.layers:
+            layer.__dict__["_finetune_group"] = group
     parameter = next(model.parameters(), None)
     rope = [(n, n["apply_rotary_pos_emb"]) for n in namespaces.values()
             if parameter is not None and parameter.device.type in _fuse_on
@@ -757,6 +869,10 @@ def lean_blocks(model):
                 module.__dict__.pop("_finetune_plain_lora", None)
         for namespace, original in rope:
             namespace["apply_rotary_pos_emb"] = original
+        for group in groups:
+            for layer in group.layers:
+                layer.__dict__.pop("_finetune_group", None)
+            group.x, group.parts = None, {}
 
 
 _kinds: dict = {}  # (module class, its forward) -> "lora", "rms", "mlp" or "" (left as it is)

@@ -52,6 +52,10 @@ BYTES_PER_CHECKPOINTED_LAYER = 30
 # a time.
 CUDA_BYTES_PER_HIDDEN = 15.3
 CUDA_BYTES_PER_MLP_UNIT = 5.55
+# What LoRA layers no longer keep where they recompute their inputs in backward (fastpath._LoRAIn; every device but
+# the CPU): the two norms' bf16 outputs per hidden unit, SwiGLU's per MLP unit.
+CUDA_RECOMPUTED_PER_HIDDEN = 4
+CUDA_RECOMPUTED_PER_MLP_UNIT = 2
 CUDA_BYTES_PER_CHECKPOINTED_HIDDEN = 2
 CUDA_MARGIN = 1.1  # what the fit does not model: how full the packed rows are, transient buffers
 # The constants are for bf16/fp16 activations; an fp32 model's are twice the bytes (scaled by the embeddings' dtype).
@@ -115,6 +119,8 @@ def estimate(trainer, recipe, prepared) -> dict:
     if fast and torch.cuda.is_available() and not getattr(trainer.args, "use_cpu", False):
         mlp = getattr(config, "intermediate_size", None) or 4 * hidden
         layer = CUDA_BYTES_PER_HIDDEN * hidden + CUDA_BYTES_PER_MLP_UNIT * mlp
+        if recomputes_lora_inputs(model, "cuda"):
+            layer -= CUDA_RECOMPUTED_PER_HIDDEN * hidden + CUDA_RECOMPUTED_PER_MLP_UNIT * mlp
         kept = (layers - recomputed) * layer + recomputed * CUDA_BYTES_PER_CHECKPOINTED_HIDDEN * hidden \
             + (layer if recomputed else 0)
         embeddings = getattr(model.get_input_embeddings(), "weight", None)
@@ -133,6 +139,12 @@ def estimate(trainer, recipe, prepared) -> dict:
     parts["total"] = round(sum(parts.values()), 1)
     parts["tokens_per_step"] = int(tokens)
     return parts
+
+
+def recomputes_lora_inputs(model, device_type: str) -> bool:
+    """Whether the fast step's LoRA layers recompute their inputs in backward on this device (a LoRA model: trained
+    through its adapters; fastpath._LoRAIn)."""
+    return device_type not in fastpath._keep_lora_inputs_on and any("lora_A" in m._modules for m in model.modules())
 
 
 def checkpointed_layers(args, layers: int) -> int:

@@ -657,12 +657,93 @@ def test_lean_blocks_hold_less_for_backward():
     assert plain - lean >= silu_outputs + norm_inputs, (plain, lean)
 
 
-def test_activation_checkpointing_recomputes_the_fast_steps_forward(tmp_path, tiny_llama, chat_file):
+@pytest.mark.parametrize("case", ["fp32", "bf16 base, fp32 adapter under autocast"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_lora_layers_sharing_an_input_take_one_matmul_and_may_recompute_it(case, recompute, monkeypatch):
+    """`lean_blocks` runs the A matmuls of q/k/v, and of gate/up, as one (`_LoRAIn`, one per group and layer); where
+    the device recomputes LoRA inputs (`recompute`: every device but the CPU by default; here the CPU stood in), the
+    norms' and SwiGLU's outputs are not kept for backward but computed again, and down_proj's A runs through it too.
+    Loss and every gradient as peft's own forward gives them (fp32: 1e-5 relative; bf16: within 2x peft's own error
+    from the fp32 truth, plus 1e-3), and what autograd keeps drops by those outputs' bytes exactly where they were
+    kept (the first layer's input norm keeps nothing itself: its output stays)."""
+    _check_shared_input(case, recompute, monkeypatch)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
+def test_cuda_lora_inputs_recomputed_with_fused_kernels(monkeypatch):
+    """The GPU's default: LoRA inputs recomputed, by the fused kernels."""
+    assert "cuda" not in fastpath._keep_lora_inputs_on
+    monkeypatch.setattr(fastpath, "_compiled", {})
+    with _fused_on("cuda"):
+        _check_shared_input("bf16 base, fp32 adapter under autocast", True, monkeypatch, "cuda")
+        assert fastpath._fuse_on == {"cuda"}
+    assert {fastpath._rms_out, fastpath._swiglu} <= set(fastpath._compiled)
+
+
+def _check_shared_input(case, recompute, monkeypatch, device="cpu"):
+    keep = frozenset({"cpu", "cuda"} - ({device} if recompute else set()))
+    monkeypatch.setattr(fastpath, "_keep_lora_inputs_on", keep)
+    autocast = "autocast" in case
+    dtype = torch.bfloat16 if autocast else torch.float32
+    model = _tiny_lora(dtype).to(device)
+    inputs = {k: v.to(device) for k, v in _packed_batch().items()}
+    forward = {k: inputs[k] for k in ("input_ids", "position_ids")}
+    ranks, real = [], fastpath._LoRAIn.apply
+    monkeypatch.setattr(fastpath._LoRAIn, "apply", lambda *a: ranks.append(a[2]) or real(*a))
+
+    def run(model, lean, autocast, hook=None):
+        model.zero_grad()
+        with fastpath.step_modules(model, dtype) if lean else contextlib.nullcontext(), \
+                fastpath._lora_inputs_uncast(model, autocast), \
+                torch.autocast(device, dtype=torch.bfloat16, enabled=autocast), \
+                hook or contextlib.nullcontext():
+            logits = model(**forward, use_cache=False).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], inputs["labels"][0, 1:], ignore_index=-100)
+        return loss, _grads(model, loss)
+
+    ranks.clear()
+    fast_loss, fast = run(model, True, autocast)
+    layer = [[8, 8, 8], [8, 8]] + ([[8]] if recompute else [])  # q/k/v, gate/up, down_proj (recomputed SwiGLU)
+    assert ranks == layer * 2
+    assert not any("_finetune_group" in m.__dict__ for m in model.modules())  # taken back with the forwards
+    plain_loss, plain = run(model, False, autocast)
+    if not autocast:
+        assert abs(fast_loss.item() - plain_loss.item()) <= 1e-5 * plain_loss.item()
+        assert max(_error(fast, plain).values()) <= 1e-5, _error(fast, plain)
+    else:
+        truth = run(copy.deepcopy(model).float(), False, False)[1]
+        fast_err, plain_err = _error(fast, truth), _error(plain, truth)
+        assert all(fast_err[n] <= 2 * plain_err[n] + 1e-3 for n in truth), (fast_err, plain_err)
+
+    def held(kept) -> int:
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        monkeypatch.setattr(fastpath, "_keep_lora_inputs_on", kept)
+        run(model, True, autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        return sum(n for ptr, n in seen.items() if ptr not in params)
+
+    if recompute:
+        config, tokens, size = model.config, inputs["input_ids"].numel(), 2 if autocast else 4
+        outputs = ((2 * config.num_hidden_layers - 1) * config.hidden_size
+                   + config.num_hidden_layers * config.intermediate_size) * tokens * size
+        assert held(frozenset({device})) - held(frozenset()) >= outputs
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_activation_checkpointing_recomputes_the_fast_steps_forward(tmp_path, tiny_llama, chat_file, recompute,
+                                                                    monkeypatch):
     """With train.activation_checkpointing, backward recomputes each layer's forward: the fast step's (lean blocks,
-    uncast LoRA inputs on a bf16 base), since they stay in place for the whole training step. The step's gradients
-    are the ones without checkpointing."""
+    uncast LoRA inputs on a bf16 base, LoRA inputs recomputed or not), since they stay in place for the whole
+    training step. The step's gradients are the ones without checkpointing."""
     from finetune.stages import runner
     from tests.conftest import tiny_recipe
+
+    monkeypatch.setattr(fastpath, "_keep_lora_inputs_on", frozenset() if recompute else frozenset({"cpu"}))
 
     grads = []
     for checkpointing in (False, True):
