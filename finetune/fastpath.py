@@ -35,6 +35,9 @@ forward.
 6. Fused kernels (`train.fused_kernels`; by default on CUDA where Triton is installed): the lean RMSNorm, the rotary
    embedding, SwiGLU and the chunked loss's softmax each compiled by torch.compile into one kernel each way (`fused`),
    instead of an eager kernel per operation; elsewhere, or where compiling fails, the same functions run eagerly.
+7. LoRA's first matmul (`_LoRAIn`, part of 3): the A matmuls of LoRA layers that take the same input (q/k/v,
+   gate/up) as one; and, on every device but the CPU, a LoRA input that is a lean norm's or SwiGLU's output
+   recomputed in backward from what those keep anyway, instead of held from forward to backward.
 
 tests/test_fastpath.py checks that the loss and every gradient match the plain path (TRL's), in fp32 and bf16, for
 packed and padded batches; tests/test_stages.py the same for 5.
