@@ -18,6 +18,7 @@ Variants (the default path with one part switched):
   separate-lora-a     LoRA layers sharing an input (q/k/v, gate/up) each run their own A matmul
   eager-kernels       no fused kernels (train.fused_kernels: false)
   fused-kernels       fused kernels on the step's device (train.fused_kernels: true)
+  fresh-loss-buffers  the CPU's chunked loss allocates its chunk-sized temporaries anew (default: kept buffers)
 """
 
 from __future__ import annotations
@@ -35,11 +36,14 @@ import torch
 def _variants(device: str) -> dict:
     from finetune import fastpath
 
-    keep, shared, fuse = fastpath._keep_lora_inputs_on, fastpath._SHARED_INPUT, fastpath._fuse_on
+    keep, shared, fuse, kept = fastpath._keep_lora_inputs_on, fastpath._SHARED_INPUT, fastpath._fuse_on, \
+        fastpath._kept_buffer
 
-    def switch(keep_on=keep, shared_input=shared, fuse_on=fuse):
+    def switch(keep_on=keep, shared_input=shared, fuse_on=fuse, kept_buffer=kept):
         def apply():
             fastpath._keep_lora_inputs_on, fastpath._SHARED_INPUT = frozenset(keep_on), shared_input
+            fastpath._kept_buffer = kept_buffer
+            fastpath._kept.clear()
             fastpath.use_fused_kernels(fuse_on)
         return apply
 
@@ -50,6 +54,7 @@ def _variants(device: str) -> dict:
         "separate-lora-a": switch(shared_input=()),
         "eager-kernels": switch(fuse_on=()),
         "fused-kernels": switch(fuse_on={device}),
+        "fresh-loss-buffers": switch(kept_buffer=lambda *args: None),
     }
 
 
