@@ -326,8 +326,8 @@ def _kept_buffer(use: str, shape, dtype: torch.dtype, device: torch.device) -> t
     its fp32 log-probabilities), kept between chunks and steps; None elsewhere (CUDA's caching allocator reuses its
     blocks already). glibc hands a fresh 48 MiB fp32 chunk (SmolLM2's 256 x 49,152) back to the system when freed
     and the next one page-faults in again: on this project's CPU the step's fp32 copy and log-softmax of each chunk
-    took 67 and 66 ms in the step against 2 and 11 ms into a buffer in use (json_extract's LoRA step, 8-12% faster
-    with these buffers, the same losses)."""
+    took 67 and 66 ms in the step against 2 and 11 ms into a buffer in use (json_extract's LoRA step 4% and 13%
+    faster with these buffers in two interleaved A/Bs, the same losses)."""
     if device.type != "cpu":
         return None
     rows, cols = shape

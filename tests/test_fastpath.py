@@ -311,15 +311,21 @@ def test_long_losses_are_chunked_exactly(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_loss_with_its_gradient_in_one_pass(monkeypatch, dtype):
     """The chunked loss (a real vocabulary's path: gradient computed in the forward, chunk by chunk) learns what the
-    plain step learns, at the module's tolerances; a second backward through it is refused."""
+    plain step learns, at the module's tolerances; on the CPU each chunk's logits and log-probabilities go into
+    buffers kept between chunks and steps (the same ones the next step); a second backward through it is refused."""
     monkeypatch.setattr(fastpath, "LOSS_CHUNK", 16)
     monkeypatch.setattr(fastpath, "LOSS_WHOLE_BYTES", 0)
+    monkeypatch.setattr(fastpath, "_kept", {})
     calls = []
     real = fastpath._ChunkedNLL.apply
     monkeypatch.setattr(fastpath._ChunkedNLL, "apply", lambda *a: calls.append(a[0].shape[-1]) or real(*a))
     _assert_same(_tiny_lora(dtype), _packed_batch(), dtype)
     assert calls == [64]  # hidden states and the head's weight: the logits are computed chunk by chunk inside
+    kept = {use: (b.data_ptr(), b.shape, b.dtype) for use, b in fastpath._kept.items()}
+    assert kept == {"logits": (kept["logits"][0], (16, 300), dtype), "logprobs": (kept["logprobs"][0], (16, 300),
+                                                                                 torch.float32)}
     loss, _ = fastpath.supervised_nll(_tiny_lora(dtype), _packed_batch())
+    assert {use: (b.data_ptr(), b.shape, b.dtype) for use, b in fastpath._kept.items()} == kept
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="differentiated once"):
         loss.backward()
