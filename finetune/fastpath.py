@@ -292,8 +292,8 @@ class _ChunkedNLL(torch.autograd.Function):
 def _nll_grad(logprobs, target, grad_dtype: torch.dtype):
     """A chunk's summed negative log-likelihood (fp32) and its gradient (softmax - one-hot; zero where the target is
     -100) in `grad_dtype`, from its fp32 log-probabilities, which become the softmax in place: one [rows x
-    vocabulary] fp32 tensor at a time. On the CPU the gradient in a narrower dtype is written to a kept buffer
-    (`_kept_buffer`): valid until the next chunk."""
+    vocabulary] fp32 tensor at a time. On the CPU the gradient is a kept buffer (`_kept_buffer`), valid until the
+    next chunk: the log-probabilities' own for an fp32 gradient, the logits' for a narrower one."""
     trained = target != -100
     target = target.clamp(min=0)[:, None]
     nll = -torch.where(trained, logprobs.gather(1, target)[:, 0], 0.0).sum()
@@ -310,8 +310,9 @@ def _nll_grad_of_logits(logits, target, grad_dtype: torch.dtype):
 
 def _log_softmax32(logits: torch.Tensor) -> torch.Tensor:
     """fp32 log-softmax over the vocabulary of a chunk of logits; on the CPU into a kept buffer (valid until the next
-    chunk)."""
-    kept = _kept_buffer("logprobs", logits.shape, torch.float32, logits.device)
+    chunk), unless autograd records through it."""
+    grad = torch.is_grad_enabled() and logits.requires_grad  # (a graph through the buffer: not kept then)
+    kept = None if grad else _kept_buffer("logprobs", logits.shape, torch.float32, logits.device)
     if kept is None:
         return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
     kept.copy_(logits)
@@ -321,11 +322,17 @@ def _log_softmax32(logits: torch.Tensor) -> torch.Tensor:
 _kept: dict = {}  # the loss's chunk-sized CPU buffers, by use (`_kept_buffer`)
 
 
+def release_kept_buffers() -> None:
+    """Frees the chunked loss's kept CPU buffers (~72 MiB for SmolLM2's vocabulary): at the end of a training run."""
+    _kept.clear()
+
+
 def _kept_buffer(use: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
     """On the CPU, a buffer of `shape` for one use of the chunked loss (the chunk's logits, then its gradient;
-    its fp32 log-probabilities), kept between chunks and steps; None elsewhere (CUDA's caching allocator reuses its
-    blocks already). glibc hands a fresh 48 MiB fp32 chunk (SmolLM2's 256 x 49,152) back to the system when freed
-    and the next one page-faults in again: on this project's CPU the step's fp32 copy and log-softmax of each chunk
+    its fp32 log-probabilities), kept between chunks and steps until a training run ends (`release_kept_buffers`;
+    one loss at a time per process); None elsewhere (CUDA's caching allocator reuses its blocks already). glibc
+    hands a fresh 48 MiB fp32 chunk (SmolLM2's 256 x 49,152) back to the system when freed and the next one
+    page-faults in again: on this project's CPU the step's fp32 copy and log-softmax of each chunk
     took 67 and 66 ms in the step against 2 and 11 ms into a buffer in use (json_extract's LoRA step 4% and 13%
     faster with these buffers in two interleaved A/Bs, the same losses)."""
     if device.type != "cpu":
@@ -690,15 +697,17 @@ def _apply_rope(q, k, cos, sin, unsqueeze_dim=1):
 def _rmsnorm_forward(self, hidden_states):
     out, rstd = _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
     if hidden_states.requires_grad and _recomputes(out):  # (recomputed from what the norm keeps: nothing otherwise)
-        out._finetune_recompute = (_rms_out, (hidden_states.reshape(-1, hidden_states.shape[-1]), rstd, self.weight))
+        out._finetune_recompute = (_rms_out, (hidden_states.reshape(-1, hidden_states.shape[-1]), rstd, self.weight),
+                                   out._version)
     return out
 
 
 def _swiglu_forward(self, x):
     gate, up = self.gate_proj(x), self.up_proj(x)
     out = _SwiGLU.apply(gate, up)
-    if _recomputes(out):
-        out._finetune_recompute = (_swiglu, (gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])))
+    if out.requires_grad and _recomputes(out):
+        out._finetune_recompute = (_swiglu, (gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])),
+                                   out._version)
     return self.down_proj(out)
 
 
@@ -732,7 +741,8 @@ class _LoRAIn(torch.autograd.Function):
     gate and up: one matmul instead of three or two, forward and backward, and one gradient for x instead of a sum).
     For backward it keeps x, or, where x is a lean norm's or SwiGLU's output and the device recomputes them
     (`_recomputes`), only what those functions keep already (the norm's input and inverse RMS; gate and up): x is
-    computed again in backward (one fused kernel) instead of being held from forward to backward."""
+    computed again in backward (one kernel where kernels are fused, section 6) instead of being held from forward
+    to backward."""
 
     @staticmethod
     def forward(ctx, x, recompute, ranks, dtype, *tensors):
@@ -766,6 +776,21 @@ def _recomputes(x: torch.Tensor) -> bool:
 _keep_lora_inputs_on: frozenset = frozenset({"cpu"})
 
 
+def recomputes_lora_inputs(model, device_type: str) -> bool:
+    """Whether the fast step's LoRA layers recompute their inputs in backward on this device type (for the memory
+    estimate): a LoRA model whose LoRA layers `_lora_forward` computes (`_plain_lora_names`: no dropout, no DoRA),
+    none over an 8-bit base (bitsandbytes' 8-bit matmul keeps its input itself), with Llama-family lean norms."""
+    if device_type in _keep_lora_inputs_on:
+        return False
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    modules = list(getattr(model, "module", model).modules())
+    layers = [m for m in modules if "lora_A" in m._modules]
+    return bool(layers) and all(_plain_lora_names(m) and type(getattr(m, "base_layer", None)).__name__
+                                != "Linear8bitLt" for m in layers) \
+        and any(_kind(type(m), LlamaRMSNorm, LlamaMLP) == "rms" for m in modules)
+
+
 class _SharedInput:
     """peft LoRA layers of one module that take the same input (`lean_blocks` groups Llama's q/k/v and gate/up): the
     first of them to run computes the A matmul of all (`_LoRAIn`); the others take their part."""
@@ -787,11 +812,18 @@ class _SharedInput:
 
 def _lora_in(layer, name: str, x: torch.Tensor, autocast: bool) -> torch.Tensor:
     """x @ A^T for `_lora_forward`: through the layer's `_SharedInput` where `lean_blocks` grouped it, or recomputing
-    x in backward where x says how (`_LoRAIn`); otherwise F.linear."""
+    x in backward where x says how (`_LoRAIn`; not where x was written to in place after its tag); otherwise
+    F.linear."""
     a = layer.lora_A[name].weight
+    if x.is_inference():  # (no version counter: nothing to share or recompute)
+        return F.linear(x, a)
     dtype = torch.get_autocast_dtype(x.device.type) if autocast else a.dtype
     recompute = x.__dict__.get("_finetune_recompute") if _recomputes(x) else None
+    if recompute is not None and recompute[2] != x._version:  # written to in place since: kept as it is now
+        recompute = None
     group = layer.__dict__.get("_finetune_group")
+    if group is not None and group.names[group.layers.index(layer)] != name:  # another adapter active since entry
+        group = None
     if x.dtype != dtype or group is None and recompute is None:
         return F.linear(x, a)
     if group is not None:

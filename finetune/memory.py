@@ -119,7 +119,7 @@ def estimate(trainer, recipe, prepared) -> dict:
     if fast and torch.cuda.is_available() and not getattr(trainer.args, "use_cpu", False):
         mlp = getattr(config, "intermediate_size", None) or 4 * hidden
         layer = CUDA_BYTES_PER_HIDDEN * hidden + CUDA_BYTES_PER_MLP_UNIT * mlp
-        if recomputes_lora_inputs(model, "cuda"):
+        if fastpath.recomputes_lora_inputs(model, "cuda"):
             layer -= CUDA_RECOMPUTED_PER_HIDDEN * hidden + CUDA_RECOMPUTED_PER_MLP_UNIT * mlp
         kept = (layers - recomputed) * layer + recomputed * CUDA_BYTES_PER_CHECKPOINTED_HIDDEN * hidden \
             + (layer if recomputed else 0)
@@ -139,12 +139,6 @@ def estimate(trainer, recipe, prepared) -> dict:
     parts["total"] = round(sum(parts.values()), 1)
     parts["tokens_per_step"] = int(tokens)
     return parts
-
-
-def recomputes_lora_inputs(model, device_type: str) -> bool:
-    """Whether the fast step's LoRA layers recompute their inputs in backward on this device (a LoRA model: trained
-    through its adapters; fastpath._LoRAIn)."""
-    return device_type not in fastpath._keep_lora_inputs_on and any("lora_A" in m._modules for m in model.modules())
 
 
 def checkpointed_layers(args, layers: int) -> int:

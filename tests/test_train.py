@@ -207,16 +207,16 @@ def test_memory_estimate_counts_activation_checkpointing_by_layer(tmp_path, tiny
 
 def test_memory_estimate_on_cuda_counts_hidden_and_mlp_units(tmp_path, tiny_llama, chat_file, monkeypatch):
     """On CUDA (stood in for) the fast step's activations are counted per hidden unit and per MLP unit of each layer
-    (the GPU runs' fit, less the norms' and SwiGLU's outputs that LoRA layers recompute there), with the fit's
-    margin; a checkpointed layer keeps its bf16 input and one layer
+    (the GPU runs' fit, less the norms' and SwiGLU's outputs that plain LoRA layers recompute there: not with LoRA
+    dropout), with the fit's margin; a checkpointed layer keeps its bf16 input and one layer
     recomputes at a time; an fp32 model's activations count twice the bytes. The CPU keeps its own constants."""
     from finetune import memory
     from finetune.stages import runner
 
-    def activations(cuda=True, dtype="bf16", **train):
+    def activations(cuda=True, dtype="bf16", adapter=None, **train):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         recipe = tiny_recipe(tmp_path, tiny_llama, chat_file, model={"name": str(tiny_llama), "dtype": dtype},
-                             data={"packing": True}, train=train)
+                             data={"packing": True}, train=train, **({"adapter": adapter} if adapter else {}))
         b = runner.build(recipe)
         b.trainer.args.use_cpu = not cuda
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -233,6 +233,11 @@ def test_memory_estimate_on_cuda_counts_hidden_and_mlp_units(tmp_path, tiny_llam
     assert checkpointed == pytest.approx(tokens * kept * memory.CUDA_MARGIN / 2**20, abs=0.05) and checkpointed < full
     assert activations(dtype="fp32")[0] == pytest.approx(2 * tokens * layers * layer * memory.CUDA_MARGIN / 2**20,
                                                          abs=0.05)
+    # LoRA with dropout: its layers take peft's forward, which keeps their inputs: nothing subtracted
+    dropout, _ = activations(adapter={"r": 4, "alpha": 8, "dropout": 0.05})
+    assert dropout == pytest.approx(tokens * layers * (memory.CUDA_BYTES_PER_HIDDEN * hidden
+                                                       + memory.CUDA_BYTES_PER_MLP_UNIT * mlp)
+                                    * memory.CUDA_MARGIN / 2**20, abs=0.05) and dropout > full
     cpu, _ = activations(cuda=False)  # a CPU run on a machine with a GPU
     assert cpu == pytest.approx(tokens * hidden * layers * memory.BYTES_PER_ACTIVATION["fast"] / 2**20, abs=0.05)
 
