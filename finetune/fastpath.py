@@ -750,8 +750,7 @@ class _LoRAIn(torch.autograd.Function):
         ctx.recompute, ctx.ranks, ctx.dtype = recompute, ranks, dtype
         ctx.save_for_backward(*weights, *(sources if recompute else (x,)))
         with torch.autocast(x.device.type, enabled=False):
-            stacked = torch.cat([w.to(dtype) for w in weights]) if len(weights) > 1 else weights[0].to(dtype)
-            return tuple((x @ stacked.t()).split(ranks, dim=1))
+            return tuple((x @ _stacked(weights, dtype).t()).split(ranks, dim=1))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -759,11 +758,15 @@ class _LoRAIn(torch.autograd.Function):
         weights, rest = saved[:len(ctx.ranks)], saved[len(ctx.ranks):]
         x = fused(ctx.recompute, *rest) if ctx.recompute else rest[0]
         grad = torch.cat(grads, dim=1) if len(grads) > 1 else grads[0]
-        stacked = torch.cat([w.to(ctx.dtype) for w in weights]) if len(weights) > 1 else weights[0].to(ctx.dtype)
-        grad_x = grad @ stacked if ctx.needs_input_grad[0] else None
+        grad_x = grad @ _stacked(weights, ctx.dtype) if ctx.needs_input_grad[0] else None
         grad_weights = (grad.t() @ x).split(ctx.ranks, dim=0)
         return (grad_x, None, None, None, *(g.to(w.dtype) for g, w in zip(grad_weights, weights)),
                 *(None for _ in rest if ctx.recompute))
+
+
+def _stacked(weights, dtype: torch.dtype) -> torch.Tensor:
+    """[A1; A2; ...] in the matmul's dtype."""
+    return torch.cat([w.to(dtype) for w in weights]) if len(weights) > 1 else weights[0].to(dtype)
 
 
 def _recomputes(x: torch.Tensor) -> bool:
