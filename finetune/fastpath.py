@@ -785,13 +785,11 @@ def recomputes_lora_inputs(model, device_type: str) -> bool:
     none over an 8-bit base (bitsandbytes' 8-bit matmul keeps its input itself), with Llama-family lean norms."""
     if device_type in _keep_lora_inputs_on:
         return False
-    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
-
     modules = list(getattr(model, "module", model).modules())
     layers = [m for m in modules if "lora_A" in m._modules]
     return bool(layers) and all(_plain_lora_names(m) and type(getattr(m, "base_layer", None)).__name__
                                 != "Linear8bitLt" for m in layers) \
-        and any(_kind(type(m), LlamaRMSNorm, LlamaMLP) == "rms" for m in modules)
+        and any(_module_kind(m) == "rms" for m in modules)
 
 
 class _SharedInput:
@@ -903,15 +901,12 @@ def lean_blocks(model):
     import sys
 
     from transformers.models.llama import modeling_llama
-    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
     swapped, namespaces, parents = [], {}, []
     for module in _modules(model):
         if "q_proj" in module._modules or "gate_proj" in module._modules:
             parents.append(module)
-        kind = _kinds.get((type(module), type(module).forward))
-        if kind is None:
-            kind = _kinds[type(module), type(module).forward] = _kind(type(module), LlamaRMSNorm, LlamaMLP)
+        kind = _module_kind(module)
         if kind == "mlp" and type(getattr(module, "act_fn", None)).__name__ in ("SiLUActivation", "SiLU"):
             swapped.append((module, _swiglu_forward))
         elif kind in _FORWARDS:
@@ -952,6 +947,17 @@ def lean_blocks(model):
 
 _kinds: dict = {}  # (module class, its forward) -> "lora", "rms", "mlp" or "" (left as it is)
 _FORWARDS = {"lora": _lora_forward, "rms": _rmsnorm_forward}
+
+
+def _module_kind(module) -> str:
+    """`_kind` of the module's class, cached per (class, forward)."""
+    key = (type(module), type(module).forward)
+    kind = _kinds.get(key)
+    if kind is None:
+        from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+        kind = _kinds[key] = _kind(type(module), LlamaRMSNorm, LlamaMLP)
+    return kind
 
 
 def _kind(cls, norm, mlp) -> str:
