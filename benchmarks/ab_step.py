@@ -3,7 +3,8 @@
     python benchmarks/ab_step.py RECIPE [KEY=VALUE ...] [--variants default,keep-lora-inputs] [--batches 4]
                                  [--rounds 4]
 
-Builds the recipe's trainer as `finetune train` does (on CUDA with the batch fitted as a run fits it), takes
+Builds the recipe's trainer as `finetune train` does (on CUDA with the batch fitted as a run fits it; the model
+prepared by accelerate, so under its mixed precision), takes
 --batches training batches, and runs them through the trainer's `training_step` (forward and backward, no optimizer
 step) for each variant in turn, --rounds times after one warm-up round (compilation apart). Prints each variant's
 median and best time for the batches, tokens/s at the best, the losses (equal across variants where a part changes
@@ -19,6 +20,9 @@ Variants (the default path with one part switched):
   eager-kernels       no fused kernels (train.fused_kernels: false)
   fused-kernels       fused kernels on the step's device (train.fused_kernels: true)
   fresh-loss-buffers  the CPU's chunked loss allocates its chunk-sized temporaries anew (default: kept buffers)
+  head-in-loss        the head's matmul always inside the chunked loss (default: for large vocabularies or logits)
+  chunked-logits      the head outside the loss, its logits taken by the chunked loss
+  whole-logits        the head outside the loss, its logits taken whole by cross_entropy
 """
 
 from __future__ import annotations
@@ -38,11 +42,15 @@ def _variants(device: str) -> dict:
 
     keep, shared, fuse, kept = fastpath._keep_lora_inputs_on, fastpath._SHARED_INPUT, fastpath._fuse_on, \
         fastpath._kept_buffer
+    head_in, whole, chunk = fastpath.head_in_loss, fastpath.LOSS_WHOLE_BYTES, fastpath.LOSS_CHUNK
 
-    def switch(keep_on=keep, shared_input=shared, fuse_on=fuse, kept_buffer=kept):
+    def switch(keep_on=keep, shared_input=shared, fuse_on=fuse, kept_buffer=kept, head_in_loss=head_in,
+               whole_bytes=whole, loss_chunk=chunk):
         def apply():
             fastpath._keep_lora_inputs_on, fastpath._SHARED_INPUT = frozenset(keep_on), shared_input
             fastpath._kept_buffer = kept_buffer
+            fastpath.head_in_loss, fastpath.LOSS_WHOLE_BYTES = head_in_loss, whole_bytes
+            fastpath.LOSS_CHUNK = loss_chunk
             fastpath._kept.clear()
             fastpath.use_fused_kernels(fuse_on)
         return apply
@@ -55,6 +63,11 @@ def _variants(device: str) -> dict:
         "eager-kernels": switch(fuse_on=()),
         "fused-kernels": switch(fuse_on={device}),
         "fresh-loss-buffers": switch(kept_buffer=lambda *args: None),
+        "head-in-loss": switch(head_in_loss=lambda vocab, positions, device: True),
+        "chunked-logits": switch(head_in_loss=lambda vocab, positions, device: False, whole_bytes=0),
+        "whole-logits": switch(head_in_loss=lambda vocab, positions, device: False, whole_bytes=2**62),
+        **{f"head-in-loss-chunk-{n}": switch(head_in_loss=lambda vocab, positions, device: True, loss_chunk=n)
+           for n in (128, 512, 1024, 2048)},
     }
 
 
@@ -86,7 +99,7 @@ def main() -> None:
             sys.exit(f"unknown variant(s) {unknown}: choose from {sorted(known)}")
         batches = list(itertools.islice(iter(trainer.get_train_dataloader()), args.batches))
         tokens = sum(int(b["input_ids"].numel()) for b in batches)
-        model = trainer.model
+        model = trainer.accelerator.prepare_model(trainer.model)  # accelerate's mixed precision, as Trainer.train
         model.train()
         trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train, whose step this is
         cuda = device == "cuda"

@@ -55,13 +55,16 @@ import torch.nn.functional as F
 # 512 ran no faster on CPU and held twice the memory); on CUDA more at a time (larger matmuls; 384 MiB).
 LOSS_CHUNK = 256
 LOSS_CHUNK_CUDA = 2048
-# Below this many bytes of fp32 logits the loss is taken in one piece (chunking's recomputation costs more than it
-# saves).
+# Below this many bytes of fp32 logits the loss is taken in one piece on CUDA. On the CPU the chunked loss is faster
+# at every size (its kept buffers, and the gradient taken in the forward instead of autograd's log-softmax backward
+# over the whole logits: pretraining's step, vocabulary 8,192, 10-15% faster with its head in the chunked loss in
+# interleaved A/Bs, benchmarks/ab_step.py head-in-loss), so there nothing is taken whole.
 LOSS_WHOLE_BYTES = 160 * 2**20
+LOSS_WHOLE_BYTES_CPU = 0
 # From this vocabulary size on, the head's matmul always moves into the chunked loss (a chunk of fp32 logits is
 # 32 MiB or more): whole logits at the end of the forward, when everything kept for backward is held, set the step's
 # peak memory (SmolLM2's 49,152: ~0.3 GB at 1,024 tokens a step); smaller vocabularies (pretraining's 8,192) keep
-# whole logits below LOSS_WHOLE_BYTES.
+# whole logits below LOSS_WHOLE_BYTES (on CUDA).
 HEAD_IN_LOSS_VOCAB = 32768
 # Row widths and kept positions are rounded up to a multiple of this, so a run sees a few dozen matmul shapes, not a
 # new one every step: the CPU's oneDNN kernels are built and cached per shape (a new shape costs its build, and the
@@ -105,7 +108,7 @@ def supervised_nll(model, inputs: dict, num_items_in_batch=None, doc_attention: 
     picked = targets[:, keep]
     picked[:, kept:] = -100
     head = _plain_head(model)
-    if head is not None and head_in_loss(head.out_features, picked.numel()):
+    if head is not None and head_in_loss(head.out_features, picked.numel(), labels.device.type):
         # The head's matmul moves into the loss: chunk by chunk, so not even the logits are held whole; and only at
         # the (row, position) places that are trained (`keep` is every row's positions that some row trains).
         with lean_blocks(model), _head_skipped(head):
@@ -161,9 +164,11 @@ def trainer_loss(trainer, model, inputs: dict, num_items_in_batch=None):
 def outputs_in_model_dtype(model, mixed_precision: torch.dtype | None):
     """Under mixed precision, accelerate wraps the model's forward to autocast it and to convert every bf16/fp16
     output to fp32: the logits too, a [positions x vocabulary] fp32 copy (and so an fp32 gradient of that size) that
-    the chunked loss does not need. Here the forward is the model's own, where the fast step already autocasts to
-    accelerate's dtype (`lora_autocast`) and the forward is accelerate's wrapper and nothing else. The model inside
-    a DDP wrapper is the one whose forward is swapped, so DDP still runs."""
+    the chunked loss does not need. Here the forward is the model's own (where it is accelerate's wrapper and
+    nothing else), under accelerate's autocast, which then covers the loss around it too: the head's matmul in the
+    chunked loss runs in the dtype the model's head would have run in (pretraining's fp32 weights: bf16, not fp32,
+    ~8x slower on a CPU). Where the fast step already autocasts to accelerate's dtype (`lora_autocast`), that autocast
+    is the one. The model inside a DDP wrapper is the one whose forward is swapped, so DDP still runs."""
     from accelerate.utils.operations import ConvertOutputsToFp32
 
     inner = getattr(model, "module", model)
@@ -171,20 +176,28 @@ def outputs_in_model_dtype(model, mixed_precision: torch.dtype | None):
     wrapped = inner.__dict__.get("forward")
     converts = isinstance(getattr(getattr(wrapped, "__func__", wrapped), "__wrapped__", None), ConvertOutputsToFp32)
     device = next(inner.parameters()).device.type
-    if original is None or not converts or mixed_precision is None or not torch.is_autocast_enabled(device) \
-            or torch.get_autocast_dtype(device) != mixed_precision:
+    autocasting = torch.is_autocast_enabled(device)
+    if original is None or not converts or mixed_precision is None \
+            or autocasting and torch.get_autocast_dtype(device) != mixed_precision:
         yield
         return
     inner.forward = original
     try:
-        yield
+        with contextlib.nullcontext() if autocasting else torch.autocast(device, dtype=mixed_precision):
+            yield
     finally:
         inner.forward = wrapped
 
 
-def head_in_loss(vocab: int, positions: float) -> bool:
-    """Whether a plain head's matmul moves into the chunked loss: a large vocabulary, or large logits."""
-    return vocab >= HEAD_IN_LOSS_VOCAB or positions * vocab * 4 > LOSS_WHOLE_BYTES
+def head_in_loss(vocab: int, positions: float, device_type: str) -> bool:
+    """Whether a plain head's matmul moves into the chunked loss: a large vocabulary, or logits too large to take
+    whole on this device."""
+    return vocab >= HEAD_IN_LOSS_VOCAB or positions * vocab * 4 > _whole_bytes(device_type)
+
+
+def _whole_bytes(device_type: str) -> int:
+    """Up to how many bytes of fp32 logits the loss takes them in one piece on this device."""
+    return LOSS_WHOLE_BYTES_CPU if device_type == "cpu" else LOSS_WHOLE_BYTES
 
 
 def _trained_rows(x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,8 +229,8 @@ def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def _chunked_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Chunk by chunk in fp32, with the gradient taken in the same pass (`_ChunkedNLL`): no [positions x vocabulary]
-    fp32 tensor. Logits that are small in fp32 (a small vocabulary: pretraining's) are taken whole."""
-    if logits.numel() * 4 <= LOSS_WHOLE_BYTES:
+    fp32 tensor. On CUDA, logits that are small in fp32 (a small vocabulary: pretraining's) are taken whole."""
+    if logits.numel() * 4 <= _whole_bytes(logits.device.type):
         return _nll_sum(logits, targets)
     if not (torch.is_grad_enabled() and logits.requires_grad):  # evaluation
         return sum(_nll_sum(logits[i : i + LOSS_CHUNK], targets[i : i + LOSS_CHUNK])
@@ -272,9 +285,14 @@ class _ChunkedNLL(torch.autograd.Function):
                 grad_x[i : i + chunk] = grad
                 continue
             with torch.autocast(device, enabled=False):  # in the gradient's dtype (fp16 logits: fp32)
-                grad_x[i : i + chunk] = grad @ weight.to(grad_dtype)  # the head's backward, as autograd's linear
-                if trains_weight:
-                    grad_w += (grad.T @ rows.to(grad_dtype)).float()
+                torch.mm(grad, weight.to(grad_dtype), out=grad_x[i : i + chunk])  # the head's backward, as linear's
+                if trains_weight:  # summed in fp32; on the CPU each chunk's part in a kept buffer (no page faults)
+                    part = _kept_buffer("weight_grad", weight.shape, grad_dtype, x.device)
+                    if part is None:
+                        grad_w += (grad.T @ rows.to(grad_dtype)).float()
+                    else:
+                        torch.mm(grad.T, rows.to(grad_dtype), out=part)
+                        grad_w += _kept_buffer("weight_grad32", weight.shape, torch.float32, x.device).copy_(part)
         ctx.grads = (grad_x, grad_w)
         return total
 

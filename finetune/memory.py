@@ -109,7 +109,8 @@ def estimate(trainer, recipe, prepared) -> dict:
     stats = prepared.stats or {}
     trained_share = (stats.get("trained_tokens") or 0) / stats["train_tokens"] if stats.get("train_tokens") else 1.0
     scored = tokens * (trained_share if fast and stage == "sft" else 1.0)  # positions whose logits are computed
-    fused = fast and fastpath._plain_head(model) is not None and fastpath.head_in_loss(vocab, scored)
+    device = trainer.args.device.type
+    fused = fast and fastpath._plain_head(model) is not None and fastpath.head_in_loss(vocab, scored, device)
     if fused:  # the head's matmul inside the chunked loss
         chunk = fastpath.LOSS_CHUNK_CUDA if torch.cuda.is_available() else fastpath.LOSS_CHUNK
         logits = min(scored, chunk) * vocab * BYTES_PER_CHUNK_LOGIT

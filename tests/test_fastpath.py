@@ -298,9 +298,13 @@ def test_no_trained_token_gives_a_zero_loss_with_a_gradient():
 def test_long_losses_are_chunked_exactly(monkeypatch):
     model = _tiny_lora(torch.float32)
     inputs = _packed_batch(lengths=(40, 50, 30))
+    head_in_loss = fastpath.head_in_loss
+    monkeypatch.setattr(fastpath, "LOSS_WHOLE_BYTES_CPU", 2**62)  # whole logits, from the model's head
+    monkeypatch.setattr(fastpath, "head_in_loss", lambda *args: False)
     whole, _ = fastpath.supervised_nll(model, inputs)
-    monkeypatch.setattr(fastpath, "LOSS_CHUNK", 16)
-    monkeypatch.setattr(fastpath, "LOSS_WHOLE_BYTES", 0)
+    monkeypatch.setattr(fastpath, "LOSS_CHUNK", 16)  # the CPU's default: the head's matmul in the chunked loss
+    monkeypatch.setattr(fastpath, "LOSS_WHOLE_BYTES_CPU", 0)
+    monkeypatch.setattr(fastpath, "head_in_loss", head_in_loss)
     chunked, _ = fastpath.supervised_nll(model, inputs)
     torch.testing.assert_close(whole, chunked)
     (grad_whole,) = torch.autograd.grad(whole, [p for n, p in model.named_parameters() if "lora_B" in n][:1])
@@ -442,7 +446,7 @@ def test_fast_loss_takes_bf16_logits_past_accelerates_fp32_outputs(tmp_path, tin
     dtypes = []
     real = fastpath._chunked_nll
     monkeypatch.setattr(fastpath, "_chunked_nll", lambda logits, t: dtypes.append(logits.dtype) or real(logits, t))
-    monkeypatch.setattr(fastpath, "HEAD_IN_LOSS_VOCAB", 10**9)  # the model returns logits (its head not in the loss)
+    monkeypatch.setattr(fastpath, "head_in_loss", lambda *args: False)  # the model returns logits (the head's own)
     trained = [p for p in model.parameters() if p.requires_grad]
     with fastpath.lora_autocast(model, torch.bfloat16, "cpu"):
         fast = fastpath.trainer_loss(trainer, model, dict(batch))

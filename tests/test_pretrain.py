@@ -112,6 +112,38 @@ def test_a_packed_row_gives_each_document_the_logits_it_has_alone(tmp_path, stor
     assert (leaky[0, len(docs[0]) : head] - alone[1]).abs().max() > 1e-3
 
 
+def test_the_fast_loss_runs_the_head_in_the_mixed_precision_dtype(tmp_path, stories, monkeypatch):
+    """Pretraining's weights are fp32, and under bf16 mixed precision accelerate autocasts the model's forward. The
+    fast step's loss takes the head's matmul out of that forward (into the chunked loss) and runs it under the same
+    autocast: each chunk's logits are computed in bf16, not fp32 (an fp32 head ran ~8x slower on the CPU), and the
+    loss and gradients are the model's own loss's through accelerate's forward, at bf16's tolerance."""
+    from finetune import fastpath
+
+    trainer = runner.build(micro_recipe(tmp_path, stories, data={"eval_datasets": []})).trainer
+    if not trainer.args.bf16:
+        pytest.skip("no bf16 mixed precision on this CPU")
+    model = trainer.accelerator.prepare_model(trainer.model)  # as Trainer.train prepares it
+    wrapped = model.forward
+    batch = next(iter(trainer.get_train_dataloader()))
+    seen = []
+    real = fastpath._ChunkedNLL.apply
+    monkeypatch.setattr(fastpath._ChunkedNLL, "apply",
+                        lambda x, t, w: seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+                                                    else None) or real(x, t, w))
+    monkeypatch.setattr(fastpath, "_kept", {})  # the CPU's chunk buffers: the logits' holds the head's output
+    trained = [p for p in model.parameters() if p.requires_grad]
+    with fastpath.step_modules(model, None):
+        fast = fastpath.trainer_loss(trainer, model, dict(batch))
+        fast_grads = torch.autograd.grad(fast, trained)
+    plain = model(**batch).loss  # accelerate's forward: the head inside it, its logits converted to fp32
+    plain_grads = torch.autograd.grad(plain, trained)
+    assert seen == [torch.bfloat16] and fastpath._kept["logits"].dtype == torch.bfloat16
+    assert model.forward == wrapped
+    assert abs(fast.item() - plain.item()) <= 1e-2 * plain.item()
+    for mine, theirs in zip(fast_grads, plain_grads):  # bf16 matmuls on both sides, rounded in other orders
+        assert (mine - theirs).norm() <= 3e-2 * theirs.norm()
+
+
 # ----------------------------------------------------------------------------- a micro run
 
 
