@@ -144,6 +144,17 @@ def test_the_fast_loss_runs_the_head_in_the_mixed_precision_dtype(tmp_path, stor
         assert (mine - theirs).norm() <= 3e-2 * theirs.norm()
 
 
+def test_the_loss_buffers_kept_between_steps_are_freed_when_training_ends(tmp_path, stories, monkeypatch):
+    from finetune import fastpath
+
+    monkeypatch.setattr(fastpath, "_kept", {})
+    uses = []
+    real = fastpath._kept_buffer
+    monkeypatch.setattr(fastpath, "_kept_buffer", lambda use, *a: uses.append(use) or real(use, *a))
+    runner.train(micro_recipe(tmp_path, stories, train={"max_steps": 2}, data={"eval_datasets": []}))
+    assert {"logits", "logprobs", "weight_grad"} <= set(uses) and fastpath._kept == {}
+
+
 # ----------------------------------------------------------------------------- a micro run
 
 
