@@ -23,6 +23,7 @@ Variants (the default path with one part switched):
   head-in-loss        the head's matmul always inside the chunked loss (default: for large vocabularies or logits)
   chunked-logits      the head outside the loss, its logits taken by the chunked loss
   whole-logits        the head outside the loss, its logits taken whole by cross_entropy
+  head-in-loss-chunk-N    head-in-loss with N rows a chunk (N: 128, 512, 1024, 2048; default 256 on CPU, 2048 CUDA)
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def _variants(device: str) -> dict:
     keep, shared, fuse, kept = fastpath._keep_lora_inputs_on, fastpath._SHARED_INPUT, fastpath._fuse_on, \
         fastpath._kept_buffer
     head_in, whole, chunk = fastpath.head_in_loss, fastpath.LOSS_WHOLE_BYTES, fastpath.LOSS_CHUNK
+    whole_cpu, chunk_cuda = fastpath.LOSS_WHOLE_BYTES_CPU, fastpath.LOSS_CHUNK_CUDA
 
     def switch(keep_on=keep, shared_input=shared, fuse_on=fuse, kept_buffer=kept, head_in_loss=head_in,
                whole_bytes=whole, loss_chunk=chunk):
@@ -50,7 +52,9 @@ def _variants(device: str) -> dict:
             fastpath._keep_lora_inputs_on, fastpath._SHARED_INPUT = frozenset(keep_on), shared_input
             fastpath._kept_buffer = kept_buffer
             fastpath.head_in_loss, fastpath.LOSS_WHOLE_BYTES = head_in_loss, whole_bytes
+            fastpath.LOSS_WHOLE_BYTES_CPU = whole_bytes if whole_bytes != whole else whole_cpu
             fastpath.LOSS_CHUNK = loss_chunk
+            fastpath.LOSS_CHUNK_CUDA = chunk_cuda if loss_chunk == chunk else loss_chunk
             fastpath._kept.clear()
             fastpath.use_fused_kernels(fuse_on)
         return apply
@@ -62,7 +66,7 @@ def _variants(device: str) -> dict:
         "separate-lora-a": switch(shared_input=()),
         "eager-kernels": switch(fuse_on=()),
         "fused-kernels": switch(fuse_on={device}),
-        "fresh-loss-buffers": switch(kept_buffer=lambda *args: None),
+        "fresh-loss-buffers": switch(kept_buffer=lambda *args, **kwargs: None),
         "head-in-loss": switch(head_in_loss=lambda vocab, positions, device: True),
         "chunked-logits": switch(head_in_loss=lambda vocab, positions, device: False, whole_bytes=0),
         "whole-logits": switch(head_in_loss=lambda vocab, positions, device: False, whole_bytes=2**62),

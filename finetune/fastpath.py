@@ -57,8 +57,8 @@ LOSS_CHUNK = 256
 LOSS_CHUNK_CUDA = 2048
 # Below this many bytes of fp32 logits the loss is taken in one piece on CUDA. On the CPU the chunked loss is faster
 # at every size (its kept buffers, and the gradient taken in the forward instead of autograd's log-softmax backward
-# over the whole logits: pretraining's step, vocabulary 8,192, 10-15% faster with its head in the chunked loss in
-# interleaved A/Bs, benchmarks/ab_step.py head-in-loss), so there nothing is taken whole.
+# over the whole logits: pretraining's step, vocabulary 8,192, 4,209 vs 3,169 tokens/s with its head in the chunked
+# loss, interleaved, `benchmarks/ab_step.py --variants default,whole-logits`), so there nothing is taken whole.
 LOSS_WHOLE_BYTES = 160 * 2**20
 LOSS_WHOLE_BYTES_CPU = 0
 # From this vocabulary size on, the head's matmul always moves into the chunked loss (a chunk of fp32 logits is
@@ -153,7 +153,7 @@ def trainer_loss(trainer, model, inputs: dict, num_items_in_batch=None):
     """`supervised_nll` as a Trainer's compute_loss returns it: with `num_items_in_batch` counting every rank's labels,
     scaled by the number of processes, since DDP averages the gradients (as Trainer.compute_loss does)."""
     mixed = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(trainer.accelerator.mixed_precision))
-    with outputs_in_model_dtype(model, mixed):
+    with outputs_in_model_dtype(model, mixed, trainer.accelerator.autocast):
         loss, _ = supervised_nll(model, inputs, num_items_in_batch)
     if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
         loss = loss * (trainer.accelerator.num_processes // trainer.get_tp_size())
@@ -161,14 +161,16 @@ def trainer_loss(trainer, model, inputs: dict, num_items_in_batch=None):
 
 
 @contextlib.contextmanager
-def outputs_in_model_dtype(model, mixed_precision: torch.dtype | None):
+def outputs_in_model_dtype(model, mixed_precision: torch.dtype | None, autocast=None):
     """Under mixed precision, accelerate wraps the model's forward to autocast it and to convert every bf16/fp16
     output to fp32: the logits too, a [positions x vocabulary] fp32 copy (and so an fp32 gradient of that size) that
     the chunked loss does not need. Here the forward is the model's own (where it is accelerate's wrapper and
     nothing else), under accelerate's autocast, which then covers the loss around it too: the head's matmul in the
     chunked loss runs in the dtype the model's head would have run in (pretraining's fp32 weights: bf16, not fp32,
     ~8x slower on a CPU). Where the fast step already autocasts to accelerate's dtype (`lora_autocast`), that autocast
-    is the one. The model inside a DDP wrapper is the one whose forward is swapped, so DDP still runs."""
+    is the one. `autocast`: a function returning accelerate's autocast context (`Accelerator.autocast`, with its
+    handler's settings); torch's autocast to `mixed_precision` without it. The model inside a DDP wrapper is the one
+    whose forward is swapped, so DDP still runs."""
     from accelerate.utils.operations import ConvertOutputsToFp32
 
     inner = getattr(model, "module", model)
@@ -183,7 +185,11 @@ def outputs_in_model_dtype(model, mixed_precision: torch.dtype | None):
         return
     inner.forward = original
     try:
-        with contextlib.nullcontext() if autocasting else torch.autocast(device, dtype=mixed_precision):
+        if autocasting:
+            context = contextlib.nullcontext()
+        else:
+            context = autocast() if autocast is not None else torch.autocast(device, dtype=mixed_precision)
+        with context:
             yield
     finally:
         inner.forward = wrapped
@@ -252,11 +258,14 @@ class _ChunkedNLL(torch.autograd.Function):
     def forward(ctx, x, targets, weight=None):
         device = x.device.type
         ctx.weight_dtype = None if weight is None else weight.dtype
+        stored = weight
         if weight is not None and torch.is_autocast_enabled(device):
             weight = weight.to(torch.get_autocast_dtype(device))
         dtype = x.dtype if weight is None else weight.dtype  # the logits'
         # fp16 would flush small probabilities to zero before the loss scale reaches them: kept in fp32 then.
         grad_dtype = torch.float32 if dtype == torch.float16 else dtype
+        if weight is not None:  # the head's weight for its backward, in the gradient's dtype: cast once, not per chunk
+            weight_back = stored if stored.dtype == grad_dtype else weight.to(grad_dtype)
         ctx.dtype = x.dtype
         grad_x = torch.empty_like(x, dtype=grad_dtype)
         trains_weight = weight is not None and ctx.needs_input_grad[2]
@@ -285,14 +294,9 @@ class _ChunkedNLL(torch.autograd.Function):
                 grad_x[i : i + chunk] = grad
                 continue
             with torch.autocast(device, enabled=False):  # in the gradient's dtype (fp16 logits: fp32)
-                torch.mm(grad, weight.to(grad_dtype), out=grad_x[i : i + chunk])  # the head's backward, as linear's
-                if trains_weight:  # summed in fp32; on the CPU each chunk's part in a kept buffer (no page faults)
-                    part = _kept_buffer("weight_grad", weight.shape, grad_dtype, x.device)
-                    if part is None:
-                        grad_w += (grad.T @ rows.to(grad_dtype)).float()
-                    else:
-                        torch.mm(grad.T, rows.to(grad_dtype), out=part)
-                        grad_w += _kept_buffer("weight_grad32", weight.shape, torch.float32, x.device).copy_(part)
+                torch.mm(grad, weight_back, out=grad_x[i : i + chunk])  # the head's backward, as linear's
+                if trains_weight:
+                    _add_weight_grad(grad_w, grad, rows.to(grad_dtype))
         ctx.grads = (grad_x, grad_w)
         return total
 
@@ -305,6 +309,21 @@ class _ChunkedNLL(torch.autograd.Function):
         if grad_w is not None:
             grad_w = grad_w.mul_(grad_output).to(ctx.weight_dtype)
         return grad_x.mul_(grad_output).to(ctx.dtype), None, grad_w
+
+
+def _add_weight_grad(grad_w: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor) -> None:
+    """grad_w (fp32) += grad^T @ rows, one chunk's part of a trained head's weight gradient. A bf16/fp16 product is
+    rounded once and summed in fp32; on the CPU it goes through kept buffers of the weight's shape (pretraining's
+    8,192 x 256: 12 MiB; a fresh fp32 copy of each chunk's part page-faulted, 151 ms of a ~1.2 s step)."""
+    if grad.dtype == torch.float32:
+        grad_w.addmm_(grad.T, rows)
+        return
+    part = _kept_buffer("weight_grad", grad_w.shape, grad.dtype, grad.device, pad=False)
+    if part is None:
+        grad_w += (grad.T @ rows).float()
+        return
+    torch.mm(grad.T, rows, out=part)
+    grad_w += _kept_buffer("weight_grad32", grad_w.shape, torch.float32, grad.device, pad=False).copy_(part)
 
 
 def _nll_grad(logprobs, target, grad_dtype: torch.dtype):
@@ -337,20 +356,22 @@ def _log_softmax32(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(kept, dim=-1, out=kept)
 
 
-_kept: dict = {}  # the loss's chunk-sized CPU buffers, by use (`_kept_buffer`)
+_kept: dict = {}  # the loss's CPU buffers, by use (`_kept_buffer`)
 
 
 def release_kept_buffers() -> None:
-    """Frees the chunked loss's kept CPU buffers (~72 MiB for SmolLM2's vocabulary): at the end of a training run."""
+    """Frees the chunked loss's kept CPU buffers (~72 MiB for SmolLM2's vocabulary; where the head trains, two more
+    of its weight's shape): at the end of a training run."""
     _kept.clear()
 
 
-def _kept_buffer(use: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+def _kept_buffer(use: str, shape, dtype: torch.dtype, device: torch.device, pad: bool = True) -> torch.Tensor | None:
     """On the CPU, a buffer of `shape` for one use of the chunked loss (the chunk's logits, then its gradient;
-    its fp32 log-probabilities), kept between chunks and steps until a training run ends (`release_kept_buffers`;
-    one loss at a time per process); None elsewhere (CUDA's caching allocator reuses its blocks already). glibc
-    hands a fresh 48 MiB fp32 chunk (SmolLM2's 256 x 49,152) back to the system when freed and the next one
-    page-faults in again: on this project's CPU the step's fp32 copy and log-softmax of each chunk
+    its fp32 log-probabilities; a trained head's weight-gradient parts), kept between chunks and steps until a
+    training run ends (`release_kept_buffers`; one loss at a time per process); None elsewhere (CUDA's caching
+    allocator reuses its blocks already). A chunk's buffer has at least LOSS_CHUNK rows (`pad`), so a short last
+    chunk reuses it. glibc hands a fresh 48 MiB fp32 chunk (SmolLM2's 256 x 49,152) back to the system when freed and
+    the next one page-faults in again: on this project's CPU the step's fp32 copy and log-softmax of each chunk
     took 67 and 66 ms in the step against 2 and 11 ms into a buffer in use (json_extract's LoRA step 4% and 13%
     faster with these buffers in two interleaved A/Bs, the same losses)."""
     if device.type != "cpu":
@@ -358,7 +379,7 @@ def _kept_buffer(use: str, shape, dtype: torch.dtype, device: torch.device) -> t
     rows, cols = shape
     buffer = _kept.get(use)
     if buffer is None or buffer.dtype != dtype or buffer.shape[1] != cols or buffer.shape[0] < rows:
-        buffer = _kept[use] = torch.empty(max(rows, LOSS_CHUNK), cols, dtype=dtype)
+        buffer = _kept[use] = torch.empty(max(rows, LOSS_CHUNK) if pad else rows, cols, dtype=dtype)
     return buffer[:rows]
 
 

@@ -110,10 +110,13 @@ def estimate(trainer, recipe, prepared) -> dict:
     trained_share = (stats.get("trained_tokens") or 0) / stats["train_tokens"] if stats.get("train_tokens") else 1.0
     scored = tokens * (trained_share if fast and stage == "sft" else 1.0)  # positions whose logits are computed
     device = trainer.args.device.type
-    fused = fast and fastpath._plain_head(model) is not None and fastpath.head_in_loss(vocab, scored, device)
+    head = fastpath._plain_head(model) if fast else None
+    fused = head is not None and fastpath.head_in_loss(vocab, scored, device)
     if fused:  # the head's matmul inside the chunked loss
-        chunk = fastpath.LOSS_CHUNK_CUDA if torch.cuda.is_available() else fastpath.LOSS_CHUNK
+        chunk = fastpath.LOSS_CHUNK_CUDA if device == "cuda" else fastpath.LOSS_CHUNK
         logits = min(scored, chunk) * vocab * BYTES_PER_CHUNK_LOGIT
+        if head.weight.requires_grad:  # its weight's gradient, a step's fp32 sum (and on the CPU two kept parts)
+            logits += head.weight.numel() * (4 + (6 if device == "cpu" else 0))
     else:
         logits = scored * vocab * BYTES_PER_LOGIT["fast" if fast else "plain"]
     recomputed = checkpointed_layers(trainer.args, layers)

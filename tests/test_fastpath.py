@@ -302,14 +302,16 @@ def test_long_losses_are_chunked_exactly(monkeypatch):
     monkeypatch.setattr(fastpath, "LOSS_WHOLE_BYTES_CPU", 2**62)  # whole logits, from the model's head
     monkeypatch.setattr(fastpath, "head_in_loss", lambda *args: False)
     whole, _ = fastpath.supervised_nll(model, inputs)
-    monkeypatch.setattr(fastpath, "LOSS_CHUNK", 16)  # the CPU's default: the head's matmul in the chunked loss
+    monkeypatch.setattr(fastpath, "LOSS_CHUNK", 16)
     monkeypatch.setattr(fastpath, "LOSS_WHOLE_BYTES_CPU", 0)
+    logits, _ = fastpath.supervised_nll(model, inputs)  # the model's logits, chunked (a head the loss can't take)
     monkeypatch.setattr(fastpath, "head_in_loss", head_in_loss)
-    chunked, _ = fastpath.supervised_nll(model, inputs)
-    torch.testing.assert_close(whole, chunked)
-    (grad_whole,) = torch.autograd.grad(whole, [p for n, p in model.named_parameters() if "lora_B" in n][:1])
-    (grad_chunked,) = torch.autograd.grad(chunked, [p for n, p in model.named_parameters() if "lora_B" in n][:1])
-    torch.testing.assert_close(grad_whole, grad_chunked)
+    chunked, _ = fastpath.supervised_nll(model, inputs)  # the CPU's default: the head's matmul in the chunked loss
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n][:1]
+    (grad_whole,) = torch.autograd.grad(whole, lora_b)
+    for loss in (logits, chunked):
+        torch.testing.assert_close(whole, loss)
+        torch.testing.assert_close(grad_whole, torch.autograd.grad(loss, lora_b)[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -318,7 +320,7 @@ def test_chunked_loss_with_its_gradient_in_one_pass(monkeypatch, dtype):
     plain step learns, at the module's tolerances; on the CPU each chunk's logits and log-probabilities go into
     buffers kept between chunks and steps (the same ones the next step); a second backward through it is refused."""
     monkeypatch.setattr(fastpath, "LOSS_CHUNK", 16)
-    monkeypatch.setattr(fastpath, "LOSS_WHOLE_BYTES", 0)
+    monkeypatch.setattr(fastpath, "LOSS_WHOLE_BYTES_CPU", 0)  # (the CPU's default)
     monkeypatch.setattr(fastpath, "_kept", {})
     calls = []
     real = fastpath._ChunkedNLL.apply
@@ -342,7 +344,7 @@ def test_chunked_loss_through_a_trained_tied_head(monkeypatch, dtype):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     monkeypatch.setattr(fastpath, "LOSS_CHUNK", 16)
-    monkeypatch.setattr(fastpath, "LOSS_WHOLE_BYTES", 0)
+    monkeypatch.setattr(fastpath, "LOSS_WHOLE_BYTES_CPU", 0)  # (the CPU's default)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,

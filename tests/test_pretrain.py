@@ -134,6 +134,7 @@ def test_the_fast_loss_runs_the_head_in_the_mixed_precision_dtype(tmp_path, stor
     trained = [p for p in model.parameters() if p.requires_grad]
     with fastpath.step_modules(model, None):
         fast = fastpath.trainer_loss(trainer, model, dict(batch))
+        assert not torch.is_autocast_enabled("cpu")  # the loss's autocast ends with it
         fast_grads = torch.autograd.grad(fast, trained)
     plain = model(**batch).loss  # accelerate's forward: the head inside it, its logits converted to fp32
     plain_grads = torch.autograd.grad(plain, trained)
@@ -150,7 +151,7 @@ def test_the_loss_buffers_kept_between_steps_are_freed_when_training_ends(tmp_pa
     monkeypatch.setattr(fastpath, "_kept", {})
     uses = []
     real = fastpath._kept_buffer
-    monkeypatch.setattr(fastpath, "_kept_buffer", lambda use, *a: uses.append(use) or real(use, *a))
+    monkeypatch.setattr(fastpath, "_kept_buffer", lambda use, *a, **kw: uses.append(use) or real(use, *a, **kw))
     runner.train(micro_recipe(tmp_path, stories, train={"max_steps": 2}, data={"eval_datasets": []}))
     assert {"logits", "logprobs", "weight_grad"} <= set(uses) and fastpath._kept == {}
 
