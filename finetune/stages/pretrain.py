@@ -173,12 +173,6 @@ def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, reci
         """transformers' Trainer whose loss attends within each packed piece only and takes logits only where a
         label is (finetune/fastpath.py); train.fast_path: false gives the model's own loss over the whole row."""
 
-        def train(self, *args, **kwargs):
-            try:
-                return super().train(*args, **kwargs)
-            finally:
-                fastpath.release_kept_buffers()  # the CPU loss's chunk buffers, kept between steps
-
         def training_step(self, *args, **kwargs):
             if not recipe.train.fast_path or not fastpath.usable(self.model):
                 return super().training_step(*args, **kwargs)

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from finetune import checkpoints, console, distributed, memory, models, scratch, stages, trackers, trust
+from finetune import checkpoints, console, distributed, fastpath, memory, models, scratch, stages, trackers, trust
 from finetune import templates as templates_lib
 from finetune.errors import FinetuneError
 from finetune.files import process_start_ticks, staged_dir
@@ -334,7 +334,10 @@ def _train_and_save(built: Built, recipe: Recipe, run_dir: Path):
         trainer.state = TrainerState.load_from_json(str(built.resume_from / checkpoints.LAST_FILE))
         result = None
     else:
-        result = trainer.train(resume_from_checkpoint=str(built.resume_from) if built.resume_from else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(built.resume_from) if built.resume_from else None)
+        finally:
+            fastpath.release_kept_buffers()  # the fast step's CPU loss buffers, kept between steps
     seconds = time.time() - start
     processes = _per_process_counts(trainer, callback)
     if callback.interrupted and trainer.state.global_step < trainer.state.max_steps:  # at the last step: completed

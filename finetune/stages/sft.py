@@ -46,12 +46,6 @@ def build_trainer(model, args, prepared, tokenizer, peft_config, callbacks, reci
             return (recipe.train.fast_path and fastpath.usable(self.model) and self.label_smoother is None
                     and self.compute_loss_func is None and self.args.loss_type == "nll" and not self.aux_loss_enabled)
 
-        def train(self, *args, **kwargs):
-            try:
-                return super().train(*args, **kwargs)
-            finally:
-                fastpath.release_kept_buffers()  # the CPU loss's chunk buffers, kept between steps
-
         def training_step(self, *args, **kwargs):
             if not self.fast():
                 return super().training_step(*args, **kwargs)
